@@ -1,0 +1,103 @@
+"""The state store: SQLAlchemy 2 over SQLite by default, PostgreSQL by URL.
+
+The store is the only state shared between corral processes. Migrations are
+Alembic scripts shipped in the package and applied on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from corral.errors import StoreError
+from corral.store.models import Base, EnvironmentRow, SandboxRow, SnapshotRow
+
+__all__ = ["Base", "EnvironmentRow", "SandboxRow", "SnapshotRow", "Store", "open_store"]
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+#: bump together with a new script in migrations/versions
+HEAD_REVISION = "0001"
+
+
+class Store:
+    """A handle on the state database. Cheap to share; thread safe."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = _make_engine(url)
+            self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+            self._migrate()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot open the state store {url}: {exc}") from exc
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed when the block ends, rolled back on error."""
+        with self._sessions() as s, s.begin():
+            yield s
+
+    def _current_revision(self) -> str | None:
+        try:
+            with self.engine.connect() as c:
+                row = c.execute(text("SELECT version_num FROM alembic_version")).first()
+                return str(row[0]) if row else None
+        except OperationalError:
+            return None
+        except SQLAlchemyError:
+            return None
+
+    def _migrate(self) -> None:
+        if self._current_revision() == HEAD_REVISION:
+            return
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+
+def _make_engine(url: str) -> Engine:
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+    engine = create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    return engine
+
+
+_stores: dict[str, Store] = {}
+_lock = threading.Lock()
+
+
+def open_store(url: str) -> Store:
+    """The process-wide ``Store`` for ``url`` (created and migrated on first use)."""
+    with _lock:
+        store = _stores.get(url)
+        if store is None:
+            if url.startswith("sqlite:///"):
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            store = _stores[url] = Store(url)
+        return store

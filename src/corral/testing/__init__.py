@@ -1,0 +1,1 @@
+"""Fakes for testing the layers above compute without root or namespaces."""

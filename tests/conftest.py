@@ -1,0 +1,46 @@
+"""Shared fixtures: every test session gets its own corral installation.
+
+The session's ``CORRAL_HOME`` is a fresh temporary directory; at teardown every
+sandbox made in it is destroyed and its btrfs pool (a loop device) released, so
+a test run leaves no mounts, namespaces, cgroups or loop devices behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def corral_home() -> Iterator[Path]:
+    home = Path(tempfile.mkdtemp(prefix="corral-test-"))
+    old = os.environ.get("CORRAL_HOME")
+    os.environ["CORRAL_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        teardown_home(home)
+        if old is None:
+            os.environ.pop("CORRAL_HOME", None)
+        else:
+            os.environ["CORRAL_HOME"] = old
+
+
+def teardown_home(home: Path) -> None:
+    """Destroy every sandbox of ``home`` and release its storage."""
+    from corral.compute import Sandbox
+    from corral.compute.local.storage import release
+
+    if (home / "corral.db").exists():
+        for sbx in Sandbox.list(home=home):
+            try:
+                sbx.destroy()
+            except Exception as exc:  # keep tearing down the rest
+                print(f"teardown: could not destroy {sbx.id}: {exc}")
+    release(home)
+    shutil.rmtree(home, ignore_errors=True)
