@@ -44,3 +44,51 @@ def teardown_home(home: Path) -> None:
                 print(f"teardown: could not destroy {sbx.id}: {exc}")
     release(home)
     shutil.rmtree(home, ignore_errors=True)
+
+
+SAMPLE_REPO = Path(__file__).parent / "data" / "sample_repo"
+
+
+@pytest.fixture
+def sandbox() -> Iterator[object]:
+    """A fresh running sandbox, destroyed after the test."""
+    from corral.compute import Sandbox
+
+    sbx = Sandbox.create(metadata={"test": "fixture"})
+    try:
+        yield sbx
+    finally:
+        try:
+            sbx.destroy()
+        except Exception:  # already destroyed by the test
+            pass
+
+
+@pytest.fixture
+def sample_repo(tmp_path: Path) -> Path:
+    """A copy of tests/data/sample_repo in a git repository."""
+    import subprocess
+
+    repo = tmp_path / "sample"
+    shutil.copytree(SAMPLE_REPO, repo)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.fixture
+def corral_cli() -> object:
+    """Run the real ``corral`` command: ``corral_cli("sandbox", "ls", "--json")``."""
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).parent / "corral")
+
+    def run(*args: str, input: str | None = None, timeout: float = 120
+            ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *args], capture_output=True, text=True, input=input,
+                              timeout=timeout)
+
+    return run

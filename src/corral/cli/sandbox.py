@@ -70,7 +70,7 @@ def create(
         console.print(sbx.id)
 
 
-@app.command(name="exec", context_settings={"allow_interspersed_args": False})
+@app.command(name="exec")
 def exec_(
     sandbox_id: SandboxId,
     cmd: Annotated[list[str], typer.Argument(help="Command and arguments (after --). A "
@@ -86,6 +86,10 @@ def exec_(
     json: Json = False,
 ) -> int:
     """Run a command in a sandbox; streams its output and exits with its exit code."""
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        fail("no command given (corral sandbox exec ID -- CMD [ARG...])", 2)
     sbx = _connect(sandbox_id)
     run_cmd: str | list[str] = cmd[0] if len(cmd) == 1 and " " in cmd[0] else cmd
     envs = parse_kv(env, "--env")
@@ -143,7 +147,7 @@ def shell(
     old_handler = signal.signal(signal.SIGWINCH, on_winch)
     try:
         if is_tty:
-            tty.setraw(stdin_fd)
+            tty.setraw(stdin_fd, termios.TCSADRAIN)
         fds = [term.fileno(), stdin_fd]
         while True:
             try:

@@ -133,6 +133,13 @@ class Provider(abc.ABC):
     def delete_snapshot(self, snapshot: SnapshotRow) -> None:
         """Remove a sealed layer nothing depends on."""
 
+    def open_pty(self, row: SandboxRow) -> tuple[int, int]:
+        """A (master, slave) terminal pair; the slave should belong to the sandbox's
+        own devpts so that ``tty`` inside names it."""
+        import os
+
+        return os.openpty()
+
     # -- information ---------------------------------------------------------
     def stats(self, row: SandboxRow) -> dict[str, Any]:
         """Resource usage, as far as the backend knows it."""

@@ -127,7 +127,7 @@ class PtyApi:
         row = self._sbx.ensure_running()
         prov = get_provider(row.provider, self._sbx._ctx.settings)
         who = user or row.spec.get("user", "agent")
-        master, slave = os.openpty()
+        master, slave = prov.open_pty(row)
         try:
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
             argv = list(cmd) if cmd else _login_shell(prov.root(row))

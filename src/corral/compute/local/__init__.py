@@ -25,6 +25,7 @@ import json
 import os
 import select
 import shutil
+import struct
 import subprocess
 import termios
 import time
@@ -54,6 +55,9 @@ TOOLS = {
 }
 
 _INIT_TIMEOUT = 10.0
+# <asm-generic/ioctls.h>
+_TIOCSPTLCK = 0x40045431
+_TIOCGPTPEER = 0x5441
 
 
 def require_tools(names: list[str] | None = None) -> None:
@@ -184,6 +188,8 @@ class LocalProvider(Provider):
         uid = self.settings.sandbox_uid
         _run(["chown", "-R", "-h", f"{uid}:{uid}", str(ws)], "handing the workspace to the "
              "sandbox user")
+        # `cp -a DIR/.` also copies DIR's own mode (0700 for a mkdtemp dir)
+        ws.chmod(0o755)
 
     def _make_netns(self, row: SandboxRow) -> None:
         ns = self.netns_path(row)
@@ -253,8 +259,11 @@ class LocalProvider(Provider):
         ]
         for path in row.spec.get("expose", []):
             argv += ["--ro-bind", path, path]
-        # the init's cwd is where `nsenter -w` puts commands: no chdir step for the default
-        argv += ["--chdir", WORKSPACE, "--hostname", "corral", "--cap-drop", "ALL",
+        # the init's cwd is where `nsenter -w` puts commands: no chdir step for the
+        # default, unless the agent made /workspace unreachable for the capless init
+        init_cwd = WORKSPACE if _traversable(self._rootfs(row), WORKSPACE) else "/"
+        row.runtime["init_cwd"] = init_cwd
+        argv += ["--chdir", init_cwd, "--hostname", "corral", "--cap-drop", "ALL",
                  "--info-fd", str(w),
                  "--", "/bin/sleep", "infinity"]
         log = self._dir(row) / "init.log"
@@ -339,7 +348,8 @@ class LocalProvider(Provider):
             priv += ["--", "unshare", "--user", "--map-root-user"]
         else:
             priv += ["--bounding-set=-all", "--inh-caps=-all"]
-        chdir = [] if spec.cwd == WORKSPACE else ["env", "-C", spec.cwd, "--"]
+        init_cwd = row.runtime.get("init_cwd", WORKSPACE)
+        chdir = [] if spec.cwd == init_cwd else ["env", "-C", spec.cwd, "--"]
         argv = ["nsenter", "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w",
                 "--", *priv, "--", *chdir, *spec.argv]
         argv = supervised(argv, spec.exit_file)
@@ -358,6 +368,26 @@ class LocalProvider(Provider):
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def open_pty(self, row: SandboxRow) -> tuple[int, int]:
+        """A pty pair on the sandbox's own devpts (so /dev/pts/N exists inside).
+
+        The master comes from the sandbox's ptmx, reached through its init's root;
+        the slave from TIOCGPTPEER, without any path lookup.
+        """
+        pid = row.runtime.get("init_pid")
+        ptmx = f"/proc/{pid}/root/dev/pts/ptmx"
+        try:
+            master = os.open(ptmx, os.O_RDWR | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return os.openpty()
+        try:
+            fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
+            slave = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+        except OSError:
+            os.close(master)
+            return os.openpty()
+        return master, int(slave)
 
     # -- filesystem --------------------------------------------------------------
     def root(self, row: SandboxRow) -> Path:
@@ -395,6 +425,18 @@ class LocalProvider(Provider):
         out["storage"] = row.runtime.get("storage")
         out["layers"] = len(row.lowers)
         return out
+
+
+def _traversable(root: Path, path: str) -> bool:
+    """Whether a process without capabilities (any uid) can enter ``path``."""
+    import stat as st
+
+    try:
+        with RootedPath(root).parent(path) as (dfd, name):
+            info = os.stat(name or ".", dir_fd=dfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return st.S_ISDIR(info.st_mode) and bool(info.st_mode & st.S_IXOTH)
 
 
 def _joiner(fds: list[int], tty: bool = False) -> Any:
