@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # Debian packages the sandboxes, the fence and the tests need
 APT_PKGS := bubblewrap btrfs-progs util-linux iproute2 nftables git curl ca-certificates \
             python3 python3-venv procps
-APT_BENCH := podman uidmap
+APT_BENCH := podman runc uidmap debootstrap
 
 .PHONY: help deps venv demo test test-all lint bench clean
 

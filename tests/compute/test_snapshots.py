@@ -94,3 +94,15 @@ def test_snapshot_of_a_running_writer_is_consistent(sandbox: Sandbox) -> None:
             assert a == [str(i) for i in range(1, len(a) + 1)]  # not torn
         finally:
             f.destroy()
+
+
+def test_restore_of_a_paused_sandbox_runs_again(sandbox: Sandbox) -> None:
+    snap = sandbox.snapshot()
+    sandbox.pause()
+    sandbox.restore(snap)  # regression: the new init joined a still-frozen cgroup
+    assert sandbox.state.value == "running"
+    assert sandbox.commands.run("echo up", timeout=10).stdout == "up\n"
+    sandbox.pause()
+    sandbox.stop()
+    sandbox.resume()
+    assert sandbox.commands.run("echo again", timeout=10).stdout == "again\n"

@@ -96,6 +96,11 @@ class Provider(abc.ABC):
     def unpause(self, row: SandboxRow) -> None:
         """Thaw what ``pause`` froze."""
 
+    def is_frozen(self, row: SandboxRow) -> bool:
+        """Whether the sandbox's processes are held frozen (by ``pause``, a snapshot
+        in progress, or a snapshot whose process died half-way)."""
+        return False
+
     @abc.abstractmethod
     def destroy(self, row: SandboxRow) -> None:
         """Remove everything of the sandbox. Idempotent; safe after a crash."""

@@ -308,6 +308,8 @@ class Sandbox:
         prov = get_provider(row.provider, self._ctx.settings)
         if st in (SandboxState.RUNNING, SandboxState.PAUSED):
             if prov.is_alive(row):
+                if st is SandboxState.RUNNING and prov.is_frozen(row):
+                    self._thaw_abandoned()
                 return
             with self._ctx.lock(self.id):
                 row = self._row()
@@ -331,6 +333,18 @@ class Sandbox:
                 row = self._row()
                 if row.state in (SandboxState.CREATING.value, SandboxState.DESTROYING.value):
                     self._finish_destroy(row, reason="abandoned by a crashed process")
+
+    def _thaw_abandoned(self) -> None:
+        """Thaw a running sandbox left frozen by a snapshot whose process died half-way
+        (every exec would block forever joining the frozen cgroup). Under the lock: a
+        live snapshot holds it for the few milliseconds it freezes."""
+        with self._ctx.lock(self.id):
+            row = self._row()
+            prov = get_provider(row.provider, self._ctx.settings)
+            if row.state != SandboxState.RUNNING.value or not prov.is_frozen(row):
+                return
+            prov.unpause(row)
+        events.emit("sandbox.unpaused", self.id, reason="frozen by an interrupted snapshot")
 
     # -- lifecycle -----------------------------------------------------------
     @contextlib.contextmanager

@@ -20,6 +20,7 @@ user namespace whose root is the unprivileged sandbox uid, never host root.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -34,7 +35,7 @@ from typing import Any
 
 from corral.compute.commands import _starttime, keep_child, reap_all
 from corral.compute.files import RootedPath
-from corral.compute.local import rootfs
+from corral.compute.local import _sys, rootfs
 from corral.compute.local.cgroups import CgroupDriver, Cgroups
 from corral.compute.local.storage import LayerStore, is_mountpoint, open_layer_store
 from corral.compute.provider import Provider, SealedLayer, Spawn, supervised
@@ -216,39 +217,52 @@ class LocalProvider(Provider):
             return
         target.mkdir(exist_ok=True, mode=0o755)
         store = self.layers
-        for layer in row.lowers:
-            if not store.path(layer).is_dir():
+        lowers = [str(store.path(layer)) for layer in row.lowers]
+        for layer, path in zip(row.lowers, lowers, strict=True):
+            if not Path(path).is_dir():
                 raise StorageError(f"layer {layer} of sandbox {row.id} is missing",
                                    sandbox_id=row.id)
-        rel = f"sandboxes/{row.id}"
-        opts = (f"lowerdir={':'.join(row.lowers)},upperdir={rel}/upper,workdir={rel}/work,"
-                "index=off,metacopy=off")
+        opts = (f"lowerdir={':'.join(lowers)},upperdir={store.upper(row.id)},"
+                f"workdir={store.work(row.id)},index=off,metacopy=off")
         if len(opts) > 4000:
             raise StorageError(f"sandbox {row.id} has too many layers ({len(row.lowers)}) "
                                "to mount", sandbox_id=row.id)
-        _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(target)],
-             "mounting the sandbox filesystem", cwd=store.root)
+        try:
+            _sys.mount("overlay", str(target), "overlay", _sys.MS_NOSUID | _sys.MS_NODEV, opts)
+        except OSError as exc:
+            raise SandboxError(f"mounting the sandbox filesystem failed: {exc.strerror}",
+                               sandbox_id=row.id) from exc
 
     def _umount(self, row: SandboxRow) -> None:
         target = self._rootfs(row)
         for _ in range(50):
-            if not is_mountpoint(target):
-                return
-            r = subprocess.run(["umount", str(target)], capture_output=True, check=False)
-            if r.returncode == 0:
-                continue
-            reap_all()
-            time.sleep(0.01)
-        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+            try:
+                _sys.umount(str(target))
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # not a mount point: done
+                    return
+                if exc.errno == errno.ENOENT:
+                    return
+                reap_all()
+                time.sleep(0.01)
+        with contextlib.suppress(OSError):
+            _sys.umount(str(target), detach=True)
 
     def _cg(self, row: SandboxRow) -> Cgroups:
-        return Cgroups.from_json(row.runtime.get("cgroups", {}))
+        data = row.runtime.get("cgroups")
+        if not data:  # a create that died before saving them: they have a fixed name
+            return self.cgroups.find(f"corral-{row.id}")
+        return Cgroups.from_json(data)
 
     def _start_init(self, row: SandboxRow) -> None:
         cg = self._cg(row)
         if not cg.dirs or not cg.exists():
             cg = self.cgroups.create(f"corral-{row.id}", Limits.from_json(row.limits))
             row.runtime["cgroups"] = cg.to_json()
+        # a crash mid-snapshot can leave the cgroup frozen: an init joining it would
+        # freeze before exec, and Popen would wait for that exec forever
+        with contextlib.suppress(OSError):
+            cg.thaw()
         self._make_netns(row)
         self._mount(row)
         r, w = os.pipe()
@@ -292,6 +306,15 @@ class LocalProvider(Provider):
                 f"the sandbox init did not start: {detail[-1] if detail else 'no output'}",
                 sandbox_id=row.id)
         pid = int(info["child-pid"])
+        # bwrap reports its pid before it has finished building the sandbox; the
+        # sandbox is ready once the init command itself has been exec'd
+        if not _wait_exec(pid, b"sleep", proc, _INIT_TIMEOUT):
+            with contextlib.suppress(Exception):
+                cg.kill()
+            detail = log.read_text(errors="replace").strip().splitlines()
+            raise SandboxError(
+                f"the sandbox init did not start: {detail[-1] if detail else 'no output'}",
+                sandbox_id=row.id)
         row.runtime.update(init_pid=pid, init_start=_starttime(pid), launcher_pid=proc.pid)
 
     def start(self, row: SandboxRow) -> None:
@@ -301,6 +324,9 @@ class LocalProvider(Provider):
         cg = self._cg(row)
         if cg.dirs:
             cg.kill()
+            # a paused sandbox's cgroup stays frozen after the kill: a new init
+            # joining it would freeze before it could exec
+            cg.thaw()
         reap_all()
         row.runtime.pop("init_pid", None)
         row.runtime.pop("init_start", None)
@@ -310,6 +336,13 @@ class LocalProvider(Provider):
 
     def unpause(self, row: SandboxRow) -> None:
         self._cg(row).thaw()
+
+    def is_frozen(self, row: SandboxRow) -> bool:
+        cg = self._cg(row)
+        try:
+            return bool(cg.dirs) and cg.frozen()
+        except OSError:
+            return False
 
     def destroy(self, row: SandboxRow) -> None:
         cg = self._cg(row)
@@ -425,6 +458,28 @@ class LocalProvider(Provider):
         out["storage"] = row.runtime.get("storage")
         out["layers"] = len(row.lowers)
         return out
+
+
+def _wait_exec(pid: int, comm: bytes, launcher: subprocess.Popen[bytes], timeout: float
+               ) -> bool:
+    """Wait until a child of ``pid`` runs the program named ``comm``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+                kids = f.read().split()
+            for kid in kids:
+                with open(f"/proc/{int(kid)}/comm", "rb") as f:
+                    if f.read().strip() == comm:
+                        return True
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        if launcher.poll() is not None:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
+    return False
 
 
 def _traversable(root: Path, path: str) -> bool:

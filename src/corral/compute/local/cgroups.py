@@ -262,6 +262,14 @@ class CgroupDriver:
             raise SandboxError(f"cannot set up cgroups for {name}: {exc}") from exc
         return cg
 
+    def find(self, name: str) -> Cgroups:
+        """The cgroups ``create(name)`` made, those that exist (cleanup after a crash)."""
+        cg = Cgroups(freezer=self.freezer)
+        for h, parent in self.hierarchies.items():
+            if (parent / name).is_dir():
+                cg.dirs[h] = str(parent / name)
+        return cg
+
     def _prepare_v2_parent(self, parent: Path) -> None:
         parent.mkdir(exist_ok=True)
         if self.layout != "v2":
