@@ -99,21 +99,25 @@ def rss_kb(pid: int) -> tuple[int, int]:
     return rss, priv
 
 
-def leak_count(home: Path) -> dict[str, int]:
+def leak_count(home: Path, ids: set[str]) -> dict[str, int]:
+    """What is left of the sandboxes ``ids`` of ``home``: mounts, netns, cgroups, loops."""
     mounts = sum(1 for line in Path("/proc/self/mountinfo").read_text().splitlines()
                  if str(home) in line)
     netns = len(list((home / "sandboxes").glob("*/netns"))) if (home / "sandboxes").exists() \
         else 0
-    cgroups = 0
     from corral.compute.local.cgroups import CgroupDriver
 
-    for parent in CgroupDriver().hierarchies.values():
-        if parent.exists():
-            cgroups += sum(1 for p in parent.iterdir() if p.is_dir() and p.name.startswith(
-                "corral-sb-"))
+    cgroups = sum(1 for parent in CgroupDriver().hierarchies.values() for sid in ids
+                  if (parent / f"corral-{sid}").exists())
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     return {"mounts": mounts, "netns": netns, "cgroups": cgroups,
             "loop_devices": loops.count(str(home))}
+
+
+def all_ids() -> set[str]:
+    from corral import Sandbox
+
+    return {s.id for s in Sandbox.list(include_destroyed=True)}
 
 
 def main() -> int:
@@ -286,7 +290,8 @@ def main() -> int:
         for s in made:
             s.destroy()
         made.clear()
-        leaks_live = leak_count(home)
+        ids = all_ids()
+        leaks_live = leak_count(home, ids)
         # the pool itself is one mount and one loop device until released
         out["leaks"] = leaks_live["netns"] + leaks_live["cgroups"] + max(
             0, leaks_live["mounts"] - 1) + max(0, leaks_live["loop_devices"] - 1)
@@ -298,8 +303,9 @@ def main() -> int:
                 s.destroy()
             except Exception as exc:
                 print(f"bench: cleanup {s.id}: {exc}", file=sys.stderr)
+        ids = all_ids() if (home / "corral.db").exists() else set()
         release(home)
-        after = leak_count(home)
+        after = leak_count(home, ids)
         out["leaks_after_release"] = sum(after.values())
         shutil.rmtree(home, ignore_errors=True)
     targets = {

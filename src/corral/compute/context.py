@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,14 +55,22 @@ class Context:
 
 
 _contexts: dict[Path, Context] = {}
+_contexts_lock = threading.Lock()
 
 
 def get_context(home: Path | str | None = None) -> Context:
-    """The context for ``home`` (default: ``$CORRAL_HOME`` or the platform default)."""
+    """The context for ``home`` (default: ``$CORRAL_HOME`` or the platform default).
+
+    Thread safe; the store is opened (and migrated) once per home and process.
+    """
     settings = Settings.from_env(Path(home) if home is not None else None)
     ctx = _contexts.get(settings.home)
-    if ctx is None:
-        settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        ctx = Context(settings=settings, store=open_store(settings.db_url))
-        _contexts[settings.home] = ctx
-    return ctx
+    if ctx is not None:
+        return ctx
+    with _contexts_lock:
+        ctx = _contexts.get(settings.home)
+        if ctx is None:
+            settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            ctx = Context(settings=settings, store=open_store(settings.db_url))
+            _contexts[settings.home] = ctx
+        return ctx

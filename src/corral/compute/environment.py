@@ -28,7 +28,7 @@ from corral.compute.context import Context, get_context
 from corral.compute.sandbox import Sandbox
 from corral.compute.types import Limits
 from corral.config import RepoConfig, load_repo_config
-from corral.errors import ConfigError, NotFound, SandboxError, UsageError
+from corral.errors import ConfigError, CorralError, NotFound, SandboxError, UsageError
 from corral.store.models import EnvironmentRow, SnapshotRow, utcnow
 
 #: files whose content keys a prebuild, wherever they exist in the repo root
@@ -105,6 +105,11 @@ def build(
     key = prebuild_key(repo, cfg)
     say = progress or (lambda _msg: None)
     with ctx.lock(f"env-{name}"):
+        # a build sandbox of this environment while we hold its lock: its build died
+        for stale in Sandbox.list(metadata={"corral.role": "prebuild", "corral.env": name},
+                                  home=ctx.home):
+            with contextlib.suppress(CorralError):
+                stale.destroy()
         with ctx.store.session() as s:
             existing = s.get(EnvironmentRow, name)
             snap_ok = existing is not None and s.get(SnapshotRow, existing.snapshot_id) is not None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import logging
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from corral.compute.types import Hooks, Limits, SnapshotInfo
 from corral.errors import (
     CorralError,
     InvalidState,
-    SandboxError,
     SandboxNotFound,
     SnapshotNotFound,
     UsageError,
@@ -585,15 +583,4 @@ def _check_expose(path: str) -> str:
     return str(p.resolve())
 
 
-def wait_for(predicate: Any, timeout: float, interval: float = 0.002) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-__all__ = ["Sandbox", "SandboxError"]
+__all__ = ["Sandbox"]
