@@ -42,6 +42,12 @@ def teardown_home(home: Path) -> None:
                 sbx.destroy()
             except Exception as exc:  # keep tearing down the rest
                 print(f"teardown: could not destroy {sbx.id}: {exc}")
+    try:  # the fence's proxy daemon, if a test started one
+        from corral.security.daemon import DaemonClient
+
+        DaemonClient(home).stop()
+    except Exception as exc:
+        print(f"teardown: could not stop the proxy daemon: {exc}")
     release(home)
     shutil.rmtree(home, ignore_errors=True)
 

@@ -8,7 +8,11 @@ import sys
 
 import typer
 
+from corral.cli import approvals as approvals_cli
+from corral.cli import audit as audit_cli
 from corral.cli import env as env_cli
+from corral.cli import policy as policy_cli
+from corral.cli import proxy as proxy_cli
 from corral.cli import sandbox as sandbox_cli
 from corral.cli._output import fail
 from corral.cli.doctor import doctor
@@ -22,10 +26,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+# Layer 1: sandboxes and environments
 app.add_typer(sandbox_cli.app, name="sandbox")
 app.add_typer(env_cli.app, name="env")
+# Layer 2: the fence
+app.add_typer(policy_cli.app, name="policy")
+app.add_typer(approvals_cli.app, name="approvals")
+app.add_typer(audit_cli.app, name="audit")
+app.add_typer(proxy_cli.app, name="proxy")
 app.command()(doctor)
-# Layers above add their sub-apps here, one line each (policy, approvals, audit, run...).
 
 
 def main() -> None:
@@ -35,6 +44,9 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("CORRAL_LOG", "WARNING").upper(),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        from corral.security.audit import install_audit
+
+        install_audit()  # sandbox lifecycle events of this process go to the audit log
         rv = app(standalone_mode=False)
     except CorralError as exc:
         fail(str(exc), exc.exit_code)
@@ -42,15 +54,13 @@ def main() -> None:
         fail("interrupted", 130)
     except SystemExit:
         raise
-    except Exception as exc:  # click's own usage errors and the rest
-        import click
-
-        if isinstance(exc, click.exceptions.UsageError):
-            fail(exc.format_message(), 2)
-        if isinstance(exc, click.exceptions.Abort):
+    except Exception as exc:
+        # click's own errors (Typer may vendor click, so match by its API, not its class)
+        message = getattr(exc, "format_message", None)
+        if callable(message) and isinstance(getattr(exc, "exit_code", None), int):
+            fail(str(message()), int(exc.exit_code))  # type: ignore[attr-defined]
+        if type(exc).__name__ == "Abort":
             fail("aborted", 130)
-        if isinstance(exc, click.exceptions.ClickException):
-            fail(exc.format_message(), exc.exit_code)
         raise
     sys.exit(rv if isinstance(rv, int) else 0)
 

@@ -29,11 +29,12 @@ class RefUpdate:
 
     @property
     def is_delete(self) -> bool:
-        return self.new == ZERO_SHA
+        # all zeros: 40 of them for SHA-1 repositories, 64 for SHA-256 ones
+        return not self.new.strip("0")
 
     @property
     def is_create(self) -> bool:
-        return self.old == ZERO_SHA
+        return not self.old.strip("0")
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,10 @@ class Approval:
     reason: str
     status: Literal["pending", "approved", "denied", "timeout"] = "pending"
     request: dict[str, Any] = field(default_factory=dict)
+    #: who decided ("user:alice", "corral" for a timeout), once decided
+    actor: str | None = None
+    #: the human's reason for a denial (tell it to the agent)
+    decision_reason: str | None = None
 
 
 @dataclass(frozen=True)
