@@ -77,13 +77,108 @@ class CIConfig(Model):
     max_rounds: int = Field(default=3, ge=1)
 
 
+# -- orchestrator sections (Layer 3) --------------------------------------------------
+TASK_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class AgentsConfig(Model):
+    """Which harness runs the agents, and how many at once."""
+
+    #: scripted | command | claude-code | codex | aider
+    harness: str = Field(default="scripted", pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    max_parallel: int = Field(default=4, ge=1, le=256)
+    #: for the command harness: the CLI to run, and how it gets the prompt
+    command: str | None = None
+    prompt_via: Literal["argument", "file", "stdin"] = "argument"
+    follow_up_command: str | None = None
+    #: adapter-specific options, passed as they are
+    options: dict[str, Any] = Field(default_factory=dict)
+    #: sessions per task (a fresh sandbox each) before the task fails
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    #: first retry waits this long; each later one twice as long
+    retry_backoff: Duration = 5.0
+    #: commit what the agent left uncommitted at the end of a turn
+    auto_commit: bool = True
+    #: one turn may run this long before it is stopped
+    turn_timeout: Duration = 3600.0
+
+
+class ReviewConfig(Model):
+    """``auto``: merge once CI passes; ``human``: wait for ``corral review approve``."""
+
+    mode: Literal["auto", "human"] = "auto"
+
+
+class BudgetsConfig(Model):
+    """Token (and optional money) budgets, nested run > task > attempt."""
+
+    run_tokens: int | None = Field(default=None, ge=1)
+    task_tokens: int | None = Field(default=None, ge=1)
+    attempt_tokens: int | None = Field(default=None, ge=1)
+    run_usd: float | None = Field(default=None, gt=0)
+    task_usd: float | None = Field(default=None, gt=0)
+    attempt_usd: float | None = Field(default=None, gt=0)
+
+
+class StuckConfig(Model):
+    """When an agent counts as stuck."""
+
+    #: no output and no workspace change for this long
+    silence: Duration = 600.0
+    #: the same CI failure this many times in a row
+    repeated_failures: int = Field(default=3, ge=2)
+    #: turns in a row that change nothing
+    no_progress_turns: int = Field(default=2, ge=1)
+
+
+class MergeConfig(Model):
+    """How changes land on the origin's main branch."""
+
+    #: rebase: replay the task's commits on main and fast-forward;
+    #: squash: one commit per task; merge: a merge commit per task
+    method: Literal["rebase", "squash", "merge"] = "rebase"
+    #: a git URL or path; default: the repo's ``origin`` remote
+    origin: str | None = None
+    branch: str = Field(default="main", pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,200}$")
+    #: conflict reactions per task before it needs a human
+    max_conflicts: int = Field(default=2, ge=0)
+    #: queue entries tested at once, each on top of the ones ahead (1: one at a time)
+    speculate: int = Field(default=4, ge=1, le=32)
+
+
+class TaskConfig(Model):
+    """One task of the plan."""
+
+    id: str = Field(pattern=TASK_ID)
+    title: str = Field(min_length=1)
+    description: str = ""
+    depends_on: list[str] = Field(default_factory=list)
+    #: overrides agents.harness for this task
+    harness: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    #: the scripted harness's script: a mapping, or a file relative to the plan
+    script: dict[str, Any] | str | None = None
+    #: overrides review.mode for this task
+    review: Literal["auto", "human"] | None = None
+    #: adapter options for this task only
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class RepoConfig(Model):
     """The whole of ``corral.yaml``. Sections of later layers are added here."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-
     environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
     ci: CIConfig = Field(default_factory=CIConfig)
+    agents: AgentsConfig = Field(default_factory=AgentsConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
+    stuck: StuckConfig = Field(default_factory=StuckConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    #: reaction name -> Jinja2 template text that replaces the shipped one
+    prompts: dict[str, str] = Field(default_factory=dict)
+    tasks: list[TaskConfig] = Field(default_factory=list)
+    #: the security policy's defaults for this repo (docs/policy.md); validated by
+    #: ``corral.security.policy.load_repo_policy`` with its own line-numbered errors
+    policy: dict[str, Any] | None = None
     #: where the config came from: corral.yaml, devcontainer.json, or defaults
     source: str = "defaults"
 

@@ -13,7 +13,9 @@ from corral.cli import audit as audit_cli
 from corral.cli import env as env_cli
 from corral.cli import policy as policy_cli
 from corral.cli import proxy as proxy_cli
+from corral.cli import run as run_cli
 from corral.cli import sandbox as sandbox_cli
+from corral.cli import status as status_cli
 from corral.cli._output import fail
 from corral.cli.doctor import doctor
 
@@ -29,6 +31,13 @@ app = typer.Typer(
 # Layer 1: sandboxes and environments
 app.add_typer(sandbox_cli.app, name="sandbox")
 app.add_typer(env_cli.app, name="env")
+# Layer 3: runs of a plan
+app.command()(run_cli.run)
+app.command()(run_cli.demo)
+app.command()(status_cli.status)
+app.command()(status_cli.logs)
+app.add_typer(status_cli.review_app, name="review")
+app.command()(status_cli.cancel)
 # Layer 2: the fence
 app.add_typer(policy_cli.app, name="policy")
 app.add_typer(approvals_cli.app, name="approvals")

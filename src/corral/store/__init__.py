@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from corral.errors import StoreError
+from corral.store import orchestrator_models as _orchestrator_models  # noqa: F401 - registers tables
 from corral.store import security_models as _security_models  # noqa: F401 - registers tables
 from corral.store.models import Base, EnvironmentRow, SandboxRow, SnapshotRow
 
