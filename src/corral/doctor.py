@@ -111,8 +111,15 @@ def check_storage(settings: Settings) -> list[Check]:
                   f"will use {kind} on first sandbox (state dir {settings.home})")]
 
 
+def check_agents(settings: Settings) -> list[Check]:
+    """Which agent CLIs (Layer 4) are usable, and at which versions."""
+    from corral.harness.install import check_agents as agents
+
+    return agents(settings)
+
+
 CHECKS: list[Callable[[Settings], list[Check]]] = [
-    check_kernel, check_tools, check_cgroups, check_storage,
+    check_kernel, check_tools, check_cgroups, check_storage, check_agents,
 ]
 
 

@@ -8,6 +8,7 @@ import sys
 
 import typer
 
+from corral.cli import agents as agents_cli
 from corral.cli import approvals as approvals_cli
 from corral.cli import audit as audit_cli
 from corral.cli import env as env_cli
@@ -43,6 +44,8 @@ app.add_typer(policy_cli.app, name="policy")
 app.add_typer(approvals_cli.app, name="approvals")
 app.add_typer(audit_cli.app, name="audit")
 app.add_typer(proxy_cli.app, name="proxy")
+# Layer 4: agent CLIs
+app.add_typer(agents_cli.app, name="agents")
 app.command()(doctor)
 
 
