@@ -28,6 +28,9 @@ deps: .make/apt
 	  echo "installing: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@# the agent CLIs (Claude Code, Codex) install with npm; keep a newer node if present
+	@command -v npm >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
 	@touch $@
 
 .make/apt-bench: Makefile
@@ -62,6 +65,8 @@ lint: venv
 
 bench: venv .make/apt-bench
 	$(BIN)/python bench/sandbox.py
+	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/orchestrator.py
 
 clean:
 	rm -rf .make $(VENV) build dist *.egg-info
