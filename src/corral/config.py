@@ -207,19 +207,22 @@ def _line_map(text: str) -> dict[tuple[str | int, ...], int]:
     return out
 
 
-def format_validation_error(exc: ValidationError, where: str, lines: dict[Any, int]) -> str:
-    """One line: ``file:line: dotted.key: message`` for the first error."""
+def format_validation_error(exc: ValidationError, where: str, lines: dict[Any, int],
+                            prefix: tuple[str, ...] = ()) -> str:
+    """One line: ``file:line: dotted.key: message`` for the first error.
+
+    ``prefix`` is where the validated mapping sits in the file (a section of it).
+    """
     err = exc.errors()[0]
-    loc = tuple(err["loc"])
+    loc = (*prefix, *(p for p in err["loc"] if p != "[key]"))
     line = None
     for i in range(len(loc), 0, -1):
         line = lines.get(loc[:i])
         if line:
             break
     dotted = ".".join(str(p) for p in loc) or "(top level)"
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    msg = msg.removeprefix("Value error, ")
     extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{where}:{line or 1}: {dotted}: {msg}{extra}"
 

@@ -34,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 
-from corral.config import Duration, load_yaml
+from corral.config import Duration, format_validation_error, load_yaml
 from corral.errors import ConfigError
 from corral.security.canon import (
     InvalidHost,
@@ -429,21 +429,7 @@ class Policy(_Model):
 # -- loading --------------------------------------------------------------------
 
 
-def _format(exc: ValidationError, where: str, lines: dict[Any, int],
-            prefix: tuple[str, ...] = ()) -> str:
-    """``file:line: dotted.key: message`` for the first error (as corral.config does)."""
-    err = exc.errors()[0]
-    loc = (*prefix, *(p for p in err["loc"] if p != "[key]"))
-    line = None
-    for i in range(len(loc), 0, -1):
-        line = lines.get(loc[:i])
-        if line:
-            break
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-    msg = msg.removeprefix("Value error, ")
-    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{where}:{line or 1}: {dotted}: {msg}{extra}"
+_format = format_validation_error  # one error format for every corral file
 
 
 def parse_policy(data: Any, *, where: str = "policy", lines: dict[Any, int] | None = None,
