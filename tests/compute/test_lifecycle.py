@@ -143,3 +143,20 @@ def test_list_filters_by_metadata() -> None:
                                                   include_destroyed=True)}
     finally:
         a.destroy()
+
+
+def test_abandoned_create_is_finished_off_and_not_listed() -> None:
+    import time
+
+    from sqlalchemy import update
+
+    from corral.store.models import SandboxRow
+
+    sbx = Sandbox.create(metadata={"test": "abandoned"})
+    # what a process killed in the middle of create leaves: the row says creating
+    with sbx._ctx.store.session() as s:
+        s.execute(update(SandboxRow).where(SandboxRow.id == sbx.id).values(state="creating"))
+    time.sleep(2.2)
+    assert Sandbox.list(metadata={"test": "abandoned"}) == []
+    assert sbx.state is S.DESTROYED
+    assert not (sbx._ctx.home / "sandboxes" / sbx.id).exists()

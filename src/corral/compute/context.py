@@ -35,7 +35,8 @@ class Context:
     def lock(self, name: str, *, blocking: bool = True) -> Iterator[bool]:
         """An exclusive inter-process lock (flock). Yields False if not blocking and busy."""
         locks = self.home / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
+        # not parents=True: a late caller must not bring back a home that was removed
+        locks.mkdir(exist_ok=True)
         fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:

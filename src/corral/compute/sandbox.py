@@ -39,6 +39,7 @@ log = logging.getLogger("corral.compute")
 
 #: a sandbox stuck in CREATING or DESTROYING this long with its lock free was abandoned
 _ABANDONED_AFTER = 2.0
+_UNSETTLED = (SandboxState.CREATING.value, SandboxState.DESTROYING.value)
 
 
 class Sandbox:
@@ -192,6 +193,9 @@ class Sandbox:
             if all(r.meta.get(k) == v for k, v in want.items()):
                 sbx = cls(r.id, ctx)
                 sbx.reconcile(r)
+                if (not include_destroyed and state is None and r.state in _UNSETTLED
+                        and sbx.state is SandboxState.DESTROYED):
+                    continue  # an abandoned create or destroy, just finished off
                 out.append(sbx)
         return out
 

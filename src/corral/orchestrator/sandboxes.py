@@ -189,7 +189,11 @@ def send_commit(repo: Repo, sbx: Sandbox, sha: str, local_ref: str, hints: list[
     The bundle leaves out what ``hints`` (the prebuild's commit) already hold; should
     the sandbox have lost those objects, a full bundle is sent instead.
     """
-    with tempfile.TemporaryDirectory(prefix="corral-bundle-") as tmp:
+    # next to the run's repository, not in /tmp: a run killed here leaves nothing
+    # outside its own directory, which the run's cleanup removes
+    scratch = repo.path.parent / "tmp"
+    scratch.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bundle-", dir=scratch) as tmp:
         dest = Path(tmp) / "send.bundle"
         for exclude in (hints, []):
             ref = repo.bundle(sha, exclude, dest)
