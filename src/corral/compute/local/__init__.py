@@ -477,7 +477,7 @@ def _wait_exec(pid: int, comm: bytes, launcher: subprocess.Popen[bytes], timeout
         if launcher.poll() is not None:
             return False
         time.sleep(delay)
-        delay = min(delay * 2, 0.005)
+        delay = min(delay * 2, 0.001)  # bwrap needs a few ms: poll finely
     return False
 
 
