@@ -91,6 +91,10 @@ class AgentsConfig(Model):
     command: str | None = None
     prompt_via: Literal["argument", "file", "stdin"] = "argument"
     follow_up_command: str | None = None
+    #: where the real agent CLIs come from: auto (corral's cache, the pinned
+    #: version installed on first use), host (the host's PATH) or layer (the
+    #: environment's prebuild); unset: ``options.install``, else auto
+    install: Literal["auto", "host", "layer"] | None = None
     #: adapter-specific options, passed as they are
     options: dict[str, Any] = Field(default_factory=dict)
     #: sessions per task (a fresh sandbox each) before the task fails

@@ -6,11 +6,13 @@ Per harness: a task that edits files, fails CI once, acts on the ``ci_failed``
 follow-up, passes CI and merges; the model key inside the sandbox is a sentinel
 while the model server receives the real one; a request to a host outside the
 policy is denied and audited; the proxy's meter, the adapter's events and the
-model server agree on the tokens; a budget stops a run mid-turn.
+model server agree on the tokens; a budget stops a run mid-turn, enforced by
+the proxy from corral.yaml's budgets alone.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import ssl
@@ -30,6 +32,7 @@ from corral.testing.fakellm import FakeLLM
 pytestmark = pytest.mark.root
 
 HOSTS = {"claude-code": ("api.anthropic.com", "anthropic", "ANTHROPIC_API_KEY"),
+         "scripted": ("api.anthropic.com", "anthropic", "ANTHROPIC_API_KEY"),
          "codex": ("api.openai.com", "openai", "OPENAI_API_KEY"),
          "aider": ("api.openai.com", "openai", "OPENAI_API_KEY")}
 MODELS = {"claude-code": "claude-sonnet-4-5", "codex": "gpt-5.5", "aider": "openai/gpt-4.1"}
@@ -62,7 +65,8 @@ class Setup:
     """A repo with a bare origin, a policy for the model host, a fake provider."""
 
     def __init__(self, tmp: Path, name: str, budgets: dict[str, int] | None = None,
-                 token_limit: int | None = None) -> None:
+                 token_limit: int | None = None, model_script: dict[str, Any] | None = None,
+                 task: dict[str, Any] | None = None) -> None:
         host, api, key_var = HOSTS[name]
         self.name, self.host, self.key_var = name, host, key_var
         ca = trustme.CA()
@@ -70,7 +74,8 @@ class Setup:
         ca.cert_pem.write_to_path(str(ca_file))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert(host).configure_cert(ctx)
-        self.llm = FakeLLM(MODEL_SCRIPT, ssl_context=ctx, api_key=REAL_KEY).start()
+        self.llm = FakeLLM(model_script or MODEL_SCRIPT, ssl_context=ctx,
+                           api_key=REAL_KEY).start()
         llm_section: dict[str, Any] = {"hosts": {host: api}}
         if token_limit is not None:
             llm_section["token_limit"] = token_limit
@@ -85,7 +90,7 @@ class Setup:
         seed.mkdir()
         (seed / "calc.py").write_text(CALC)
         (seed / "check_calc.py").write_text(CHECK)
-        options: dict[str, Any] = {"model": MODELS[name]}
+        options: dict[str, Any] = {"model": MODELS[name]} if name in MODELS else {}
         if name == "aider":
             options["test_command"] = "; ".join([*PROBES, "python3 check_calc.py"])
             options["edit_format"] = "diff"
@@ -97,7 +102,8 @@ class Setup:
                                          "task_tokens": 5_000_000,
                                          "attempt_tokens": 5_000_000},
                   "tasks": [{"id": "fix", "title": "Fix calc.add",
-                             "description": "calc.add subtracts; make it add."}]}
+                             "description": "calc.add subtracts; make it add.",
+                             **(task or {})}]}
         (seed / "corral.yaml").write_text(yaml.safe_dump(config))
         _git(seed, "init", "-q", "-b", "main")
         _git(seed, "add", "-A")
@@ -216,16 +222,41 @@ def test_real_cli_through_corral_run(name, tmp_path, corral_home):
     print(f"\n{name}: {FIGURES[name]}")
 
 
-@pytest.mark.parametrize("name", ["claude-code", "codex", "aider"])
-def test_budget_stops_the_run(name, tmp_path, corral_home):
-    """The first model call spends more than the task may: the proxy refuses the
-    next call (its llm.token_limit) and the orchestrator stops the attempt (its
-    task budget): budget_exceeded, nothing merged."""
-    from corral.harness.install import install
+#: the first answer costs 2100 tokens, most of them output, which Claude Code and
+#: Codex report only when their run ends: only the proxy sees the budget spent
+BUDGET_MODEL_SCRIPT = copy.deepcopy(MODEL_SCRIPT)
+BUDGET_MODEL_SCRIPT["rules"][0]["turns"][0]["usage"] = {"input_tokens": 100,
+                                                        "output_tokens": 2000}
+#: the scripted agent calls the model itself (through the proxy), reports only a
+#: part of what it spent, shrugs off the refusal and exits 0
+_CALL = ("curl -sS -o /dev/null -w '%{http_code}\\n' -H 'content-type: application/json' "
+         "-H \"x-api-key: $ANTHROPIC_API_KEY\" -H 'anthropic-version: 2023-06-01' "
+         "--data-binary @/tmp/call.json https://api.anthropic.com/v1/messages")
+SCRIPTED_SPENDER = {"start": [
+    {"run": "printf '%s' '" + json.dumps({
+        "model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [
+            {"role": "user", "content": "You are working on task fix: calc"}]})
+        + "' > /tmp/call.json"},
+    {"run": _CALL}, {"usage": {"input_tokens": 100}}, {"sleep": 0.5},
+    {"run": _CALL}, {"sleep": 3}, {"write": {"path": "NOTES.md", "content": "x\n"}},
+    {"commit": "notes"}]}
 
-    install(name)
+
+@pytest.mark.parametrize("name", ["scripted", "claude-code", "codex", "aider"])
+def test_budget_stops_the_run(name, tmp_path, corral_home):
+    """The policy sets no llm.token_limit: only corral.yaml's budgets. The first
+    model call spends more than the task may; the proxy, holding the sandbox to
+    what is left of the budgets, refuses the next call with a message naming the
+    budget; the agent stops (or is stopped: a refusal counts even when the agent
+    exits 0) and the task is budget_exceeded, charged what the proxy metered."""
+    if name != "scripted":
+        from corral.harness.install import install
+
+        install(name)
     s = Setup(tmp_path, name, budgets={"run_tokens": 1_000_000, "task_tokens": 500,
-                                       "attempt_tokens": 500}, token_limit=500)
+                                       "attempt_tokens": 1_000},
+              model_script=BUDGET_MODEL_SCRIPT,
+              task={"script": SCRIPTED_SPENDER} if name == "scripted" else None)
     try:
         status, _wall = s.run()
         calls = s.llm.model_requests()
@@ -234,5 +265,13 @@ def test_budget_stops_the_run(name, tmp_path, corral_home):
     (task,) = status["tasks"]
     assert task["state"] == "budget_exceeded", (name, task["reason"])
     assert "budget" in (task["reason"] or "")
-    assert len(calls) <= 2  # the CLI stopped: no retry storm against the refusal
+    # one call answered; the next refused by the proxy, never reaching the model
+    assert len(calls) == 1, [c.path for c in calls]
+    ours = _sandboxes(status["run"])
+    refused = [r for r in _audit(corral_home) if r.event == "llm.limit_refused"
+               and r.sandbox in ours]
+    assert refused and all(r.task == "fix" for r in refused)
+    assert "budget (budgets.task_tokens: 500) is spent" in refused[0].details["reason"]
+    # charged what the proxy metered, even what the agent never reported
+    assert task["tokens"] == sum(_meter(status["run"])) == 2100
     assert _git(s.origin, "log", "--format=%s", "main").splitlines() == ["calc"]

@@ -83,3 +83,27 @@ def test_transition_table() -> None:
         assert st in TRANSITIONS
         if st.terminal:
             assert not TRANSITIONS[st]
+
+
+def test_agents_install_is_a_field_with_the_old_option_as_fallback(tmp_path: Path,
+                                                                    project) -> None:
+    p = plan(tmp_path, [{"id": "a", "title": "A"}], agents={"install": "cache"})
+    with pytest.raises(ConfigError, match=r"plan.yaml:\d+: agents.install: Input should be "
+                                          r"'auto', 'host' or 'layer'"):
+        load_plan(tmp_path, p)
+
+    def adapter_install(agents: dict, task: dict | None = None) -> object:
+        project.write_plan([{"id": "a", "title": "A", "harness": "claude-code",
+                             **(task or {})}], agents=agents)
+        from corral.harness import AgentContext
+
+        orch = project.orchestrator()
+        t = orch.rec.task("a")
+        h = orch.harness_for(t)
+        return h.opts(AgentContext("a", options=t.spec.get("options") or {})).get("install")
+
+    assert adapter_install({"install": "layer"}) == "layer"
+    assert adapter_install({"options": {"install": "host"}}) == "host"  # the old spelling
+    assert adapter_install({"install": "layer", "options": {"install": "host"}}) == "layer"
+    assert adapter_install({"install": "layer"}, {"options": {"install": "host"}}) == "host"
+    assert adapter_install({}) is None  # the adapter's default: auto

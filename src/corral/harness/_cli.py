@@ -16,7 +16,10 @@ task's ``options``:
 ``install``
     ``auto`` (default: the pinned version from corral's cache, installed on
     first use), ``host`` (the copy on the host's PATH) or ``layer`` (installed
-    into the environment's prebuild, see ``install.layer_commands``).
+    into the environment's prebuild, see ``install.layer_commands``). Set as
+    ``agents.install`` in corral.yaml (the orchestrator passes it here); the
+    option itself is still read when that is unset, and a task's ``options``
+    may override it.
 ``args``
     extra command-line arguments, a list.
 
@@ -50,6 +53,8 @@ class AgentCli(Harness):
 
     #: the default variable holding the API key
     key_env: ClassVar[str] = "OPENAI_API_KEY"
+    #: each CLI's output carries the API's own token counts (see the parsers)
+    reports_usage: ClassVar[bool] = True
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
@@ -58,7 +63,7 @@ class AgentCli(Harness):
         self._parser = self.new_parser()
         mode = str(self.options.get("install") or "auto")
         if mode not in INSTALL_MODES:
-            raise ConfigError(f"agents.options.install: one of {', '.join(INSTALL_MODES)}, "
+            raise ConfigError(f"agents.install: one of {', '.join(INSTALL_MODES)}, "
                               f"not {mode!r}")
 
     # -- for subclasses ----------------------------------------------------------------
@@ -92,7 +97,7 @@ class AgentCli(Harness):
         opts = self.opts(ctx) if ctx else self.options
         mode = str(opts.get("install") or "auto")
         if mode not in INSTALL_MODES:
-            raise ConfigError(f"agents.options.install: one of {', '.join(INSTALL_MODES)}, "
+            raise ConfigError(f"agents.install: one of {', '.join(INSTALL_MODES)}, "
                               f"not {mode!r}")
         with self._lock:
             if mode not in self._installed:
@@ -105,9 +110,9 @@ class AgentCli(Harness):
         r = sbx.commands.run(["test", "-x", str(inst.binary)], timeout=30)
         if r.exit_code != 0:
             hint = ("expose the agent cache to the environment (environment.expose: "
-                    f"[{inst.prefix}]) or use agents.options.install: layer"
+                    f"[{inst.prefix}]) or use agents.install: layer"
                     if inst.source == "cache" else
-                    "install it in the environment's setup (agents.options.install: layer "
+                    "install it in the environment's setup (agents.install: layer "
                     "installs it into the prebuild)")
             raise MissingTool(f"{self.name}: {inst.binary} is not visible inside the sandbox; "
                               f"{hint}", sandbox_id=sbx.id)

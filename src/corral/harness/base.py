@@ -80,6 +80,11 @@ class Harness(ABC):
 
     #: the name used in ``agents.harness`` of corral.yaml
     name: ClassVar[str] = "base"
+    #: the agent's events include ``usage`` reports of every model call it makes.
+    #: When False and the sandbox is fenced, the orchestrator charges budgets from
+    #: what the proxy metered for the sandbox and none of the usage events, so a
+    #: turn is never counted twice (unfenced, the events are all there is).
+    reports_usage: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options: dict[str, Any] = dict(options or {})

@@ -55,6 +55,8 @@ class Scripted(Harness):
     """Runs the task's script inside the sandbox; events are its JSON lines."""
 
     name = "scripted"
+    #: its script's ``usage`` steps are the agent's whole spending
+    reports_usage = True
 
     def setup(self, sbx: Sandbox, ctx: AgentContext) -> None:
         script = ctx.options.get("script")

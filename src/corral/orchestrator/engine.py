@@ -36,6 +36,7 @@ from corral.orchestrator import budgets, sandboxes
 from corral.orchestrator.ci import CIResult, run_ci
 from corral.orchestrator.clock import Clock, SystemClock
 from corral.orchestrator.gitops import Repo
+from corral.orchestrator.limits import ProxyLimits
 from corral.orchestrator.mergequeue import MergeQueue
 from corral.orchestrator.plan import Plan, load_plan
 from corral.orchestrator.records import Records
@@ -102,6 +103,8 @@ class Orchestrator:
         self._last_reload_check = 0.0
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{_starttime(os.getpid())}"
         self.factory: sandboxes.SandboxFactory
+        #: the proxy limits of fenced turns (a no-op until ``_setup`` finds a policy)
+        self.limits = ProxyLimits(None, lambda: self.cfg.budgets)
         #: called at named points ("turn_launched", "turn_finished", "before_push",
         #: "after_push"); tests kill the process there (``CORRAL_FAILPOINT``)
         self.crash_hook: Callable[[str], None] | None = _failpoint_from_env()
@@ -205,6 +208,9 @@ class Orchestrator:
         self.factory = sandboxes.SandboxFactory(env, self.run_id, home=self.home,
                                                 policy=_policy(self.cfg, self.repo_dir),
                                                 spares=self.max_parallel)
+        if self.factory.policy:
+            self.limits = ProxyLimits(budgets.proxy_meter(self.ctx.store),
+                                      lambda: self.cfg.budgets)
         self._recover()
         self.factory.warm()
 
@@ -503,6 +509,7 @@ class Orchestrator:
                 s.add(TaskRow(run_id=self.run_id, id=t.id, state=S.QUEUED.value,
                               spec=t.model_dump(mode="json"), position=i))
         self._harnesses.clear()
+        self.limits.refresh()  # the budgets may have changed
         self.rec.event("config_reloaded", added=[t.id for t in added])
         self.wake.set()
         return True
@@ -526,6 +533,8 @@ class Orchestrator:
             a = self.cfg.agents
             opts: dict[str, Any] = {"command": a.command, "prompt_via": a.prompt_via,
                                     "follow_up_command": a.follow_up_command, **a.options}
+            if a.install is not None:  # else agents.options.install, as before
+                opts["install"] = a.install
             h = self._harnesses[name] = get_harness(name, opts)
         return h
 

@@ -23,6 +23,7 @@ from corral.harness import AgentContext, EventLog, Prompt, Turn
 from corral.harness.base import STATE_DIR, open_gate
 from corral.harness.events import EventKind
 from corral.orchestrator import budgets, reactions, sandboxes, stuck
+from corral.orchestrator.limits import FencedTurn, TurnGuard
 from corral.orchestrator.states import InvalidTransition, TaskState
 from corral.store.orchestrator_models import AttemptRow, CIRunRow, TaskRow
 
@@ -215,9 +216,12 @@ class TaskWorker:
                 self.rec.update_task(self.id, turn_command=None)
                 return "failed", "the agent's turn was lost in a restart"
             return self._watch(t, sbx, turn, elog, attempt.id,
-                               int(memo.get("turn_usage_seen", 0)))
+                               int(memo.get("turn_usage_seen", 0)),
+                               self._fence(t, sbx, attempt, memo.get("meter_base")))
         launch = memo.get("launch")
+        fenced = None
         if launch:
+            fenced = self._fence(t, sbx, attempt, memo.get("meter_base"))
             found = self._launched(sbx, float(launch.get("at", 0.0)))
             if found is not None:
                 self.rec.event("relaunch", self.id, reaction=launch["reaction"],
@@ -227,7 +231,7 @@ class TaskWorker:
                                      memo=lambda m: m.pop("launch", None))
                 open_gate(sbx, gate)
                 return self._watch(t, sbx, harness.attach(sbx, found.id), elog, attempt.id,
-                                   int(memo.get("turn_usage_seen", 0)))
+                                   int(memo.get("turn_usage_seen", 0)), fenced)
             self.rec.event("relaunch", self.id, reaction=launch["reaction"],
                            detail="a crash cut the turn's launch short: the sandbox's "
                                   "processes are restarted and the reaction sent again")
@@ -242,8 +246,12 @@ class TaskWorker:
                       "turn": int(memo.get("turns", 0)) + 1,
                       "new_session": bool(pending.get("new_session")) or not t.session_id}
             turns = launch["turn"]
+            # the sandbox's proxy limit is set before the agent may call a model
+            fenced = self._fence(t, sbx, attempt, None)
+            base = fenced.to_memo() if fenced else None
             self.rec.memo(self.id, lambda m: m.update(reactions=counts, turns=turns,
-                                                      turn_usage_seen=0, launch=launch))
+                                                      turn_usage_seen=0, launch=launch,
+                                                      meter_base=base))
             t = self.rec.task(self.id)
             gate = f"{STATE_DIR}/gate-{turns}"
         name, occurrence = str(launch["reaction"]), int(launch["occurrence"])
@@ -271,7 +279,19 @@ class TaskWorker:
             if row is not None:
                 row.turns += 1
                 row.sandbox_id = sbx.id
-        return self._watch(t, sbx, turn, elog, attempt.id, 0)
+        return self._watch(t, sbx, turn, elog, attempt.id, 0, fenced)
+
+    def _fence(self, t: TaskRow, sbx: Sandbox, attempt: AttemptRow,
+               base: dict[str, Any] | None) -> FencedTurn | None:
+        """In a fenced run: set the sandbox's proxy limit to what is left of the budgets
+        (``base``: the turn's memo, when re-attaching to it). None when not fenced."""
+        limits = self.o.limits
+        if limits.meter is None:
+            return None
+        run = self.rec.run()
+        return limits.begin(self.id, sbx.id, attempt=budgets.Spent(attempt.tokens,
+                            attempt.cost_usd), task=budgets.Spent(t.tokens, t.cost_usd),
+                            run=budgets.Spent(run.tokens, run.cost_usd), base=base)
 
     def _launched(self, sbx: Sandbox, since: float) -> CommandHandle | None:
         """The agent command an interrupted launch started (the newest since ``since``);
@@ -297,16 +317,35 @@ class TaskWorker:
         return row
 
     def _watch(self, t: TaskRow, sbx: Sandbox, turn: Turn, elog: EventLog, attempt_id: int,
-               skip_usage: int) -> tuple[str, str]:
+               skip_usage: int, fenced: FencedTurn | None) -> tuple[str, str]:
         wake = self.o.task_wake(self.id)
-        with _ExitWaker(turn.handle.pid, wake) as waker:
-            # the end of the turn wakes the loop: polls only read its output then
-            longest = 0.25 if waker.active else 0.05
-            return self._watch_loop(t, sbx, turn, elog, attempt_id, skip_usage, wake, longest)
+        seen = [skip_usage]  # usage reports of the turn read so far
+
+        def charge(spent: budgets.Spent) -> str | None:
+            return self._charge(attempt_id, spent.tokens, spent.usd, seen[0])
+
+        # one source of usage per turn: the harness's reports, or (a harness that
+        # reports none, in a fenced sandbox) what the proxy metered
+        guard = None if fenced is None else TurnGuard(
+            self.o.limits, fenced, charge=charge,
+            from_meter=not self.o.harness_for(t).reports_usage)
+        try:
+            with _ExitWaker(turn.handle.pid, wake) as waker:
+                # the end of the turn wakes the loop: polls only read its output then
+                longest = 0.25 if waker.active else 0.05
+                return self._watch_loop(t, sbx, turn, elog, attempt_id, skip_usage, wake,
+                                        longest, guard, seen)
+        finally:
+            try:
+                if guard is not None and not guard.settled:
+                    guard.settle()  # a turn stopped early: what it spent still counts
+            except Exception:
+                log.exception("task %s: could not settle the turn's metered usage", self.id)
+            self.o.limits.end(self.id)
 
     def _watch_loop(self, t: TaskRow, sbx: Sandbox, turn: Turn, elog: EventLog,
-                    attempt_id: int, skip_usage: int, wake: threading.Event, longest: float
-                    ) -> tuple[str, str]:
+                    attempt_id: int, skip_usage: int, wake: threading.Event, longest: float,
+                    guard: TurnGuard | None, seen: list[int]) -> tuple[str, str]:
         clock = self.o.clock
         cfg = self.o.cfg
         started = last = clock.now()
@@ -321,12 +360,22 @@ class TaskWorker:
                 last, last_fp = clock.now(), None
                 delay = 0.005
             for ev in events:
-                if ev.kind is not EventKind.USAGE:
+                if ev.kind is not EventKind.USAGE or (guard is not None and guard.from_meter):
                     continue
                 usage_seen += 1
                 if usage_seen <= skip_usage:
                     continue  # charged before a restart
+                seen[0] = usage_seen
                 why = self._charge(attempt_id, ev.tokens, ev.cost_usd, usage_seen)
+                if why:
+                    turn.stop(grace=0.2)
+                    self.rec.event("budget_exceeded", self.id, detail=why)
+                    self._end_turn(turn)
+                    return "budget", why
+            if guard is not None and (turn.done or guard.due()):
+                # the meter: charges for a harness without usage reports, and the
+                # proxy's refusals, which an agent may well shrug off (exit 0)
+                why = guard.settle() if turn.done else guard.poll()
                 if why:
                     turn.stop(grace=0.2)
                     self.rec.event("budget_exceeded", self.id, detail=why)
@@ -371,6 +420,7 @@ class TaskWorker:
     def _charge(self, attempt_id: int, tokens: int, cost: float, seen: int) -> str | None:
         a_tok, a_usd, t_tok, t_usd, r_tok, r_usd = self.rec.charge(
             self.id, attempt_id, tokens, cost, seen)
+        self.o.limits.charged(self.id, budgets.Spent(a_tok, a_usd), budgets.Spent(r_tok, r_usd))
         return budgets.exceeded(self.o.cfg.budgets, budgets.Spent(a_tok, a_usd),
                                 budgets.Spent(t_tok, t_usd), budgets.Spent(r_tok, r_usd))
 

@@ -6,6 +6,15 @@
     refusal = meter.check(sandbox_id, policy.llm)        # before forwarding a model call
     if refusal: status, headers, body = refusal_response(api, refusal)   # a 429
 
+    meter.set_limit(sandbox_id, tokens=1200, token_label="the task's token budget")
+    meter.take(sandbox_id)                                # usage since the last take
+
+A sandbox is refused at the lower of the policy's ``llm`` limits and its own
+(``set_limit``: the orchestrator keeps it at what is left of the task's
+budgets). ``take`` hands the usage out piece by piece, with its place kept in
+the store, so the orchestrator can charge budgets from the wire for a harness
+that reports no usage of its own (``orchestrator_meter``).
+
 Parsers take the body exactly as it came from upstream: plain or compressed
 with ``gzip``/``deflate`` (decompressed here). Other encodings (``br``,
 ``zstd``) are not read, so the proxy should offer upstream only
@@ -24,13 +33,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from corral.security.audit import AuditLog
 from corral.security.policy import LlmPolicy, Price, host_matches
 from corral.security.types import Usage
 from corral.store import Store
-from corral.store.security_models import UsageRow
+from corral.store.security_models import SandboxLimitRow, UsageRow
 
 __all__ = [
     "AnthropicParser",
@@ -38,9 +48,11 @@ __all__ = [
     "OpenAIChatParser",
     "OpenAIResponsesParser",
     "SSEDecoder",
+    "SandboxLimit",
     "Totals",
     "api_for_host",
     "cost_of",
+    "orchestrator_meter",
     "parser_for",
     "refusal_response",
 ]
@@ -387,35 +399,173 @@ class Meter:
 
     def totals(self, *, sandbox_id: str | None = None, task_id: str | None = None) -> Totals:
         """Sums over a sandbox, a task, or (with neither) everything."""
+        return self._sums(sandbox_id=sandbox_id, task_id=task_id)[0]
+
+    def _sums(self, *, sandbox_id: str | None = None, task_id: str | None = None,
+              after_id: int = 0) -> tuple[Totals, int]:
+        """The sums over the rows past ``after_id``, and the last row's id (0: none)."""
         q = select(func.count(UsageRow.id), func.sum(UsageRow.input_tokens),
                    func.sum(UsageRow.output_tokens), func.sum(UsageRow.cache_read_tokens),
                    func.sum(UsageRow.cache_write_tokens), func.sum(UsageRow.cost),
-                   func.count(UsageRow.id) - func.count(UsageRow.cost))
+                   func.count(UsageRow.id) - func.count(UsageRow.cost), func.max(UsageRow.id))
         if sandbox_id is not None:
             q = q.where(UsageRow.sandbox_id == sandbox_id)
         if task_id is not None:
             q = q.where(UsageRow.task_id == task_id)
+        if after_id:
+            q = q.where(UsageRow.id > after_id)
         with self.store.session() as s:
             row = s.execute(q).one()
-        n, i, o, cr, cw, cost, unpriced = row
-        return Totals(requests=n or 0, input_tokens=i or 0, output_tokens=o or 0,
-                      cache_read_tokens=cr or 0, cache_write_tokens=cw or 0,
-                      cost=float(cost or 0.0), unpriced=unpriced or 0)
+        n, i, o, cr, cw, cost, unpriced, last = row
+        return (Totals(requests=n or 0, input_tokens=i or 0, output_tokens=o or 0,
+                       cache_read_tokens=cr or 0, cache_write_tokens=cw or 0,
+                       cost=float(cost or 0.0), unpriced=unpriced or 0), int(last or 0))
+
+    # -- per-sandbox limits ----------------------------------------------------------
+    def set_limit(self, sandbox_id: str, tokens: int | None = None, usd: float | None = None,
+                  *, task_id: str | None = None, token_label: str | None = None,
+                  usd_label: str | None = None) -> None:
+        """Refuse ``sandbox_id``'s model calls once its metered totals reach ``tokens``
+        (as ``Totals.tokens``) or ``usd``, besides the policy's limits; None lifts
+        that limit. The labels name what a limit stands for in the refusal the agent
+        reads ("the task's token budget (budgets.task_tokens: 500)")."""
+        values = {"token_limit": tokens, "cost_limit": usd, "token_label": token_label,
+                  "cost_label": usd_label}
+        if task_id is not None:
+            values["task_id"] = task_id
+        self._upsert(sandbox_id, values, {})
+
+    def limit(self, sandbox_id: str) -> SandboxLimit | None:
+        """The sandbox's own limits and refusals, or None when it never had any."""
+        with self.store.session() as s:
+            row = s.get(SandboxLimitRow, sandbox_id)
+            if row is None:
+                return None
+            return SandboxLimit(tokens=row.token_limit, usd=row.cost_limit,
+                                token_label=row.token_label, usd_label=row.cost_label,
+                                refusals=row.refusals, last_refusal=row.last_refusal)
 
     def check(self, sandbox_id: str, llm: LlmPolicy) -> str | None:
-        """A refusal message when the sandbox is at or over a limit, else None."""
-        if llm.token_limit is None and llm.cost_limit is None:
+        """A refusal message when the sandbox is at or over a limit, else None.
+
+        The limit is the lower of the policy's (``llm.token_limit``, ``cost_limit``)
+        and the sandbox's own (``set_limit``); a refusal is counted and kept with
+        the sandbox's limits (``limit(...).refusals``), so whoever runs the agent
+        learns of it even when the agent keeps quiet about it."""
+        own = self.limit(sandbox_id)
+        own_tokens = own.tokens if own else None
+        own_usd = own.usd if own else None
+        if (llm.token_limit is None and llm.cost_limit is None and own_tokens is None
+                and own_usd is None):
             return None
         t = self.totals(sandbox_id=sandbox_id)
-        if llm.token_limit is not None and t.tokens >= llm.token_limit:
-            return (f"corral: this sandbox has used {t.tokens} model tokens, its limit is "
-                    f"{llm.token_limit}; further model calls are refused. Finish with what "
-                    "you have, or ask the human to raise llm.token_limit.")
-        if llm.cost_limit is not None and t.cost >= llm.cost_limit:
-            return (f"corral: this sandbox has spent ${t.cost:.2f} on model calls, its limit "
-                    f"is ${llm.cost_limit:.2f}; further model calls are refused. Finish with "
-                    "what you have, or ask the human to raise llm.cost_limit.")
-        return None
+        message = None
+        tok = _lower(llm.token_limit, own_tokens)
+        usd = _lower(llm.cost_limit, own_usd)
+        if tok is not None and t.tokens >= tok[0]:
+            limit = int(tok[0])
+            if tok[1]:
+                label = own.token_label if own and own.token_label else "its token limit"
+                message = (f"corral: {label} is spent: this sandbox has used {t.tokens} "
+                           f"model tokens, its limit is {limit}; further model calls are "
+                           "refused. Stop here and finish with what you have; a human can "
+                           "raise the budget in corral.yaml.")
+            else:
+                message = (f"corral: this sandbox has used {t.tokens} model tokens, its "
+                           f"limit is {limit}; further model calls are refused. Finish "
+                           "with what you have, or ask the human to raise llm.token_limit.")
+        elif usd is not None and t.cost >= usd[0]:
+            if usd[1]:
+                label = own.usd_label if own and own.usd_label else "its spending limit"
+                message = (f"corral: {label} is spent: this sandbox has spent "
+                           f"${t.cost:.2f} on model calls, its limit is ${usd[0]:.2f}; "
+                           "further model calls are refused. Stop here and finish with "
+                           "what you have; a human can raise the budget in corral.yaml.")
+            else:
+                message = (f"corral: this sandbox has spent ${t.cost:.2f} on model calls, "
+                           f"its limit is ${usd[0]:.2f}; further model calls are refused. "
+                           "Finish with what you have, or ask the human to raise "
+                           "llm.cost_limit.")
+        if message is not None:
+            self._upsert(sandbox_id, {"last_refusal": message},
+                         {"refusals": SandboxLimitRow.refusals + 1}, new={"refusals": 1})
+        return message
+
+    def take(self, sandbox_id: str) -> Totals:
+        """The sandbox's usage recorded since the last ``take`` (from its first record
+        on the first call). The place is kept in the store: another process, or the
+        same one after a restart, carries on from it and never gets a record twice."""
+        for _ in range(20):
+            with self.store.session() as s:
+                row = s.get(SandboxLimitRow, sandbox_id)
+                after = row.taken_id if row is not None else 0
+            got, last = self._sums(sandbox_id=sandbox_id, after_id=after)
+            if not last:
+                return Totals()
+            # compare and set: a concurrent taker makes this one read again
+            with self.store.session() as s:
+                if row is not None:
+                    res = s.execute(update(SandboxLimitRow).where(
+                        SandboxLimitRow.sandbox_id == sandbox_id,
+                        SandboxLimitRow.taken_id == after).values(taken_id=last))
+                    if getattr(res, "rowcount", 0) == 1:
+                        return got
+                    continue
+            try:
+                with self.store.session() as s:
+                    s.add(SandboxLimitRow(sandbox_id=sandbox_id, taken_id=last,
+                                          refusals=0))
+                return got
+            except IntegrityError:
+                continue
+        raise RuntimeError(f"metering: could not take the usage of {sandbox_id}")
+
+    def _upsert(self, sandbox_id: str, values: dict[str, Any], exprs: dict[str, Any],
+                new: dict[str, Any] | None = None) -> None:
+        """Update the sandbox's limits row with ``values`` and ``exprs`` (SQL
+        expressions), or insert it with ``values`` and ``new``."""
+        for _ in range(3):
+            with self.store.session() as s:
+                res = s.execute(update(SandboxLimitRow)
+                                .where(SandboxLimitRow.sandbox_id == sandbox_id)
+                                .values(**values, **exprs))
+                if getattr(res, "rowcount", 0):
+                    return
+            try:
+                with self.store.session() as s:
+                    s.add(SandboxLimitRow(sandbox_id=sandbox_id,
+                                          **{"refusals": 0, **values, **(new or {})}))
+                return
+            except IntegrityError:
+                continue  # made meanwhile by someone else: update it
+
+
+@dataclass(frozen=True)
+class SandboxLimit:
+    """A sandbox's own limits (``Meter.set_limit``) and the calls refused it."""
+
+    tokens: int | None = None
+    usd: float | None = None
+    token_label: str | None = None
+    usd_label: str | None = None
+    #: model calls refused to the sandbox, under any limit
+    refusals: int = 0
+    last_refusal: str | None = None
+
+
+def _lower(policy: float | None, own: float | None) -> tuple[float, bool] | None:
+    """The lower of two limits, and whether it is the sandbox's own (on a tie too)."""
+    if own is not None and (policy is None or own <= policy):
+        return float(own), True
+    if policy is not None:
+        return float(policy), False
+    return None
+
+
+def orchestrator_meter(store: Store) -> Meter:
+    """The meter as the orchestrator uses it (``corral.orchestrator.budgets.proxy_meter``):
+    ``take`` for usage since the last call, ``totals``, ``set_limit``, ``limit``."""
+    return Meter(store)
 
 
 def refusal_response(api: Api | None, message: str

@@ -28,7 +28,7 @@ __all__ = ["Base", "EnvironmentRow", "SandboxRow", "SnapshotRow", "Store", "open
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: bump together with a new script in migrations/versions
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 
 class Store:

@@ -73,3 +73,27 @@ class UsageRow(Base):
     #: USD, when the policy has a price for the model
     cost: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class SandboxLimitRow(Base):
+    """A sandbox's own model-call limits (what is left of the budgets of the task it
+    works on), set by the orchestrator, enforced by the proxy beside the policy's
+    ``llm`` limits; and what the proxy refused and handed out on account of them."""
+
+    __tablename__ = "security_sandbox_limits"
+
+    sandbox_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_id: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    #: the sandbox's metered tokens (as ``Totals.tokens``) at which calls are refused
+    token_limit: Mapped[int | None] = mapped_column(Integer, default=None)
+    #: the same in USD (``Totals.cost``)
+    cost_limit: Mapped[float | None] = mapped_column(Float, default=None)
+    #: what each limit stands for, named in the refusal ("the task's token budget")
+    token_label: Mapped[str | None] = mapped_column(Text, default=None)
+    cost_label: Mapped[str | None] = mapped_column(Text, default=None)
+    #: model calls refused for this sandbox (any limit), and the last refusal's text
+    refusals: Mapped[int] = mapped_column(Integer, default=0)
+    last_refusal: Mapped[str | None] = mapped_column(Text, default=None)
+    #: the last ``security_usage`` row handed out by ``ProxyMeter.take``
+    taken_id: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)

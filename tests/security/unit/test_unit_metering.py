@@ -181,3 +181,55 @@ def test_refusal_response(api) -> None:
         assert json.loads(body)["error"]["type"] == "rate_limit_error"
     if api == "openai":
         assert json.loads(body)["error"]["message"] == "over the limit"
+
+
+def test_sandbox_limits_refuse_at_the_lower_limit_and_name_the_budget(store: Store) -> None:
+    meter = Meter(store)
+    assert meter.limit("sb-1") is None
+    meter.set_limit("sb-1", tokens=600, task_id="T-1",
+                    token_label="the task's token budget (budgets.task_tokens: 600)")
+    meter.record("sb-1", Usage(300, 200, model="m"))
+    none = LlmPolicy()
+    assert meter.check("sb-1", none) is None  # 500 < 600
+    meter.record("sb-1", Usage(100, 0, model="m"))
+    msg = meter.check("sb-1", none)
+    assert msg and "the task's token budget (budgets.task_tokens: 600) is spent" in msg
+    assert "600 model tokens" in msg
+    # the policy's limit, when lower, is the one named
+    meter.set_limit("sb-1", tokens=10_000)
+    msg = meter.check("sb-1", LlmPolicy(token_limit=550))
+    assert msg and "llm.token_limit" in msg and "550" in msg
+    lim = meter.limit("sb-1")
+    assert lim is not None and lim.tokens == 10_000 and lim.refusals == 2
+    assert lim.last_refusal == msg
+    # lifted: no refusal, and the refusals stay counted
+    meter.set_limit("sb-1")
+    assert meter.check("sb-1", none) is None
+    assert meter.limit("sb-1").refusals == 2  # type: ignore[union-attr]
+    # money: the sandbox's own limit
+    meter.set_limit("sb-2", usd=0.001, usd_label="the run's money budget")
+    meter.record("sb-2", Usage(1000, 0, model="gpt-4.1"), prices=PRICES)
+    assert "the run's money budget is spent" in (meter.check("sb-2", none) or "")
+    # a refusal under the policy's limit alone is counted too (a row is made for it)
+    meter.record("sb-3", Usage(10, 0, model="m"))
+    assert meter.check("sb-3", LlmPolicy(token_limit=5))
+    assert meter.limit("sb-3").refusals == 1  # type: ignore[union-attr]
+
+
+def test_take_hands_out_each_usage_record_once(store: Store) -> None:
+    meter = Meter(store)
+    assert meter.take("sb-1").requests == 0
+    meter.record("sb-1", Usage(100, 50, model="gpt-4.1"), prices=PRICES)
+    meter.record("sb-2", Usage(7, 0, model="m"))
+    got = meter.take("sb-1")
+    assert (got.requests, got.tokens) == (1, 150)
+    assert got.cost == pytest.approx((100 * 2 + 50 * 8) / 1e6)
+    assert meter.take("sb-1").requests == 0
+    meter.set_limit("sb-1", tokens=5)  # setting limits keeps the place
+    meter.record("sb-1", Usage(1, 2, model="m"))
+    meter.record("sb-1", Usage(3, 4, model="m"))
+    # another handle (another process, a restarted orchestrator) carries on
+    assert Meter(store).take("sb-1").tokens == 10
+    assert meter.take("sb-1").tokens == 0
+    assert meter.take("sb-2").tokens == 7
+    assert meter.totals(sandbox_id="sb-1").tokens == 160  # the totals are unchanged
