@@ -48,8 +48,24 @@ def teardown_home(home: Path) -> None:
         DaemonClient(home).stop()
     except Exception as exc:
         print(f"teardown: could not stop the proxy daemon: {exc}")
+    _umount_under(home)  # whatever a killed run left behind (a netns bind mount)
     release(home)
     shutil.rmtree(home, ignore_errors=True)
+
+
+def _umount_under(home: Path) -> None:
+    """Lazily unmount every mount below ``home`` except its storage pool, deepest first."""
+    import re
+    import subprocess
+
+    root, pool = str(home.resolve()), str((home / "storage").resolve())
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point.startswith(root + "/") and point != pool and not point.startswith(pool + "/"):
+            points.append(point)
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 SAMPLE_REPO = Path(__file__).parent / "data" / "sample_repo"
