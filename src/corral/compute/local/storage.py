@@ -11,13 +11,18 @@ Two backends with the same semantics:
   new empty writable layer on the sealed one.
 
 Subvolumes are made with the btrfs ioctls directly: a fork and exec of
-``btrfs`` per operation would dominate snapshot and fork times.
+``btrfs`` per operation would dominate snapshot and fork times. They go through
+libc's ``ioctl`` by ctypes, not ``fcntl.ioctl``: CPython holds the GIL through
+an ``fcntl.ioctl`` whose argument is larger than 1 KiB (the btrfs ones are
+4 KiB), and a snapshot commits a btrfs transaction, so every other thread of
+the process (an orchestrator's dozens) would stop for those milliseconds.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -37,6 +42,19 @@ _IOC_SNAP_DESTROY = 0x5000940F
 _IOC_SNAP_CREATE_V2 = 0x50009417
 _SUBVOL_RDONLY = 1 << 1
 _BTRFS_SUPER_MAGIC = 0x9123683E
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+
+
+def _ioctl(fd: int, req: int, arg: bytearray) -> None:
+    """``ioctl(fd, req, arg)`` with the GIL released (see the module docstring)."""
+    buf = (ctypes.c_char * len(arg)).from_buffer(arg)
+    if _libc.ioctl(fd, req, ctypes.addressof(buf)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _vol_args(name: str) -> bytearray:
@@ -139,7 +157,7 @@ class BtrfsStore(LayerStore):
     def _ioctl_in(self, parent: Path, req: int, arg: bytearray, what: str) -> None:
         fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fcntl.ioctl(fd, req, arg)
+            _ioctl(fd, req, arg)
         except OSError as exc:
             raise _os_error(exc, what) from exc
         finally:
