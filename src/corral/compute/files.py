@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from corral.compute import states
+from corral.compute.provider import get_provider
 from corral.compute.states import SandboxState
 from corral.compute.types import WORKSPACE, FileEntry
 from corral.errors import NotFound, SandboxError, UsageError
@@ -144,7 +145,7 @@ class Files:
     def _rooted(self) -> RootedPath:
         row = self._sbx._row()
         states.check("files", SandboxState(row.state), self._sbx.id)
-        prov = self._sbx.provider
+        prov = get_provider(row.provider, self._sbx._ctx.settings)  # one read of the row
         return RootedPath(prov.root(row), prov.owner(row))
 
     def _err(self, exc: OSError, path: str) -> Exception:
