@@ -22,6 +22,10 @@ from corral.errors import CorralError
 
 #: the agent's bundle may be at most this big
 MAX_BUNDLE = 256 << 20
+#: a full object id (SHA-1 or SHA-256)
+_OID = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?\Z")
+#: answers kept by ``Repo`` (dropped all at once past this many)
+MEMO_SIZE = 4096
 _SAFE = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
          "-c", "core.attributesFile=/dev/null", "-c", "protocol.ext.allow=never",
          "-c", "transfer.fsckObjects=true", "-c", "gc.auto=0", "-c", "maintenance.auto=false"]
@@ -75,6 +79,9 @@ class Repo:
                 self._env[key] = os.environ[key]
         self._lock = threading.Lock()
         self._known: set[str] = set()
+        #: answers about commits named by full object ids, which never change: the
+        #: merge queue asks the same ones again and again (a git exec each)
+        self._memo: dict[tuple[str, ...], Any] = {}
 
     @classmethod
     def open(cls, path: Path) -> Repo:
@@ -105,11 +112,32 @@ class Repo:
         r = self.run("rev-parse", "--verify", "-q", f"{ref}^{{commit}}")
         return r.stdout.decode().strip() or None if r.returncode == 0 else None
 
+    def _recall(self, key: tuple[str, ...]) -> Any:
+        return self._memo.get(key) if all(_OID.match(k) for k in key[1:]) else None
+
+    def _keep(self, key: tuple[str, ...], value: Any) -> Any:
+        if all(_OID.match(k) for k in key[1:]):
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = value
+        return value
+
     def tree(self, commit: str) -> str:
-        return self.git("rev-parse", f"{commit}^{{tree}}").strip()
+        key = ("tree", commit)
+        hit = self._recall(key)
+        if hit is None:
+            hit = self._keep(key, self.git("rev-parse", f"{commit}^{{tree}}").strip())
+        return str(hit)
 
     def is_ancestor(self, a: str, b: str) -> bool:
-        return self.run("merge-base", "--is-ancestor", a, b).returncode == 0
+        key = ("is_ancestor", a, b)
+        hit = self._recall(key)
+        if hit is not None:
+            return bool(hit)
+        code = self.run("merge-base", "--is-ancestor", a, b).returncode
+        if code in (0, 1):  # an answer (not a missing object, which a fetch may bring)
+            self._keep(key, code == 0)
+        return code == 0
 
     def commits(self, base: str, head: str) -> list[str]:
         out = self.git("rev-list", "--reverse", f"{base}..{head}")
@@ -119,7 +147,11 @@ class Repo:
         return self.git("log", "--format=%h %s", f"-{n}", ref).splitlines()
 
     def diff_stat(self, a: str, b: str) -> str:
-        return self.git("diff", "--stat", "--no-color", a, b).strip()
+        key = ("diff_stat", a, b)
+        hit = self._recall(key)
+        if hit is None:
+            hit = self._keep(key, self.git("diff", "--stat", "--no-color", a, b).strip())
+        return str(hit)
 
     def changed_files(self, a: str, b: str) -> list[str]:
         return self.git("diff", "--name-only", a, b).split()
@@ -224,9 +256,18 @@ class Repo:
     def merge(self, onto: str, head: str, *, method: str, task_id: str, title: str
               ) -> MergeResult:
         """What main (``onto``) becomes with the task's commits (``head``) landed."""
-        if self.is_ancestor(head, onto):
+        if _OID.match(onto) and _OID.match(head):
+            # one exec for both questions: the best common ancestor of the two is
+            # ``head`` exactly when head is on main, ``onto`` when main is behind head
+            r = self.run("merge-base", onto, head)
+            base = r.stdout.decode().strip() if r.returncode == 0 else None
+            on_main, behind = base == head, base == onto
+        else:
+            on_main = self.is_ancestor(head, onto)
+            behind = not on_main and self.is_ancestor(onto, head)
+        if on_main:
             return MergeResult(None, [ConflictFile("(none)", ["the change is already on main"])])
-        if method == "rebase" and self.is_ancestor(onto, head):
+        if method == "rebase" and behind:
             return MergeResult(head, fast_forward=True)
         if method == "rebase":
             ahead = [ln.split() for ln in
@@ -292,7 +333,11 @@ class Repo:
     def _commit_like(self, commit: str, tree: str, parent: str, task_id: str) -> str:
         """A commit of ``tree`` on ``parent`` with ``commit``'s author and message (and
         the task's trailer)."""
-        fmt = self.git("log", "-1", "--format=%an%x00%ae%x00%aI%x00%B", commit)
+        key = ("meta", commit)
+        fmt = self._recall(key)
+        if fmt is None:
+            fmt = self._keep(key, self.git("log", "-1", "--format=%an%x00%ae%x00%aI%x00%B",
+                                           commit))
         name, email, date, body = fmt.split("\0", 3)
         body = body.rstrip("\n")
         if f"{TRAILER}: " not in body:
