@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from corral.errors import StoreError
@@ -50,14 +51,24 @@ class Store:
             yield s
 
     def _current_revision(self) -> str | None:
-        try:
-            with self.engine.connect() as c:
-                row = c.execute(text("SELECT version_num FROM alembic_version")).first()
-                return str(row[0]) if row else None
-        except OperationalError:
-            return None
-        except SQLAlchemyError:
-            return None
+        """The store's revision; None for a store never migrated. Any other failure to
+        read it (a busy database) is retried, never taken for "not migrated": that
+        would run the migrations again over tables that exist."""
+        for attempt in range(50):
+            try:
+                with self.engine.connect() as c:
+                    row = c.execute(text("SELECT version_num FROM alembic_version")).first()
+                    return str(row[0]) if row else None
+            except ProgrammingError:  # PostgreSQL: no alembic_version relation yet
+                return None
+            except OperationalError as exc:
+                msg = str(exc.orig)
+                if "no such table" in msg:
+                    return None
+                if attempt == 49 or not ("locked" in msg or "busy" in msg):
+                    raise
+                time.sleep(0.1)
+        return None  # not reached
 
     def _migrate(self) -> None:
         if self._current_revision() == HEAD_REVISION:
