@@ -12,7 +12,9 @@ reads as bytes (``gitops.Repo.import_bundle`` verifies it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shlex
 import tempfile
 import threading
@@ -53,8 +55,11 @@ class SandboxFactory:
         self.policy = policy
         self.home = home
         self.spares = 0 if policy else spares
-        self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="corral-reap")
-        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-spare")
+        # background work yields the CPU to the tasks' own (see ``_background``)
+        self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="corral-reap",
+                                          initializer=_background)
+        self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-spare",
+                                          initializer=_background)
         self._pool: list[Sandbox] = []
         self._pool_lock = threading.Lock()
         self._filling = 0
@@ -160,6 +165,19 @@ class SandboxFactory:
                 _destroy(sbx, self.home)
                 gone.append(sbx.id)
         return gone
+
+
+#: the nice value of the threads that destroy sandboxes and fork spares
+BACKGROUND_NICE = 10
+
+
+def _background() -> None:
+    """Lower this thread's CPU priority (Linux schedules threads one by one), and so
+    that of the processes it starts (mount, umount, bwrap): on a busy machine a
+    spare being forked or a used sandbox being torn down waits, and the tasks on the
+    critical path (a fetch, a CI run, a merge) go first."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 def _destroy(sbx: Sandbox | str, home: str | Path | None) -> None:
