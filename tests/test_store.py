@@ -34,3 +34,36 @@ def test_concurrent_first_open_of_a_new_installation(tmp_path: Path) -> None:
 
         store = open_store(f"sqlite:///{home / 'corral.db'}")
         assert store._current_revision() == HEAD_REVISION
+
+
+def test_a_first_open_killed_mid_migration_leaves_nothing_half_done(tmp_path: Path) -> None:
+    """kill -9 while a new installation's tables are being made: the next process
+    finds an empty store, not one stuck between two revisions."""
+    code = (
+        "import os, sys\n"
+        "from sqlalchemy import event\n"
+        "from sqlalchemy.engine import Engine\n"
+        "made = []\n"
+        "@event.listens_for(Engine, 'before_cursor_execute')\n"
+        "def die(conn, cursor, statement, *a):\n"
+        "    if statement.lstrip().upper().startswith('CREATE TABLE'):\n"
+        "        made.append(statement)\n"
+        "        if len(made) == int(sys.argv[2]):\n"
+        "            os.kill(os.getpid(), 9)\n"
+        "from corral.store import open_store\n"
+        "open_store(sys.argv[1])\n"
+    )
+    from corral.store import HEAD_REVISION, open_store
+
+    # the 5th table belongs to the second migration, after the first one's three
+    for nth in (2, 5, 9):
+        url = f"sqlite:///{tmp_path / f'corral-{nth}.db'}"
+        p = subprocess.run([sys.executable, "-c", code, url, str(nth)], capture_output=True,
+                           text=True, timeout=120, check=False)
+        assert p.returncode == -9, p.stderr
+        store = open_store(url)
+        assert store._current_revision() == HEAD_REVISION
+        from corral.store.models import SandboxRow
+
+        with store.session() as s:
+            assert s.query(SandboxRow).count() == 0

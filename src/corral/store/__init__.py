@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from corral.errors import StoreError
 from corral.store import orchestrator_models as _orchestrator_models  # noqa: F401 - registers tables
@@ -84,11 +85,17 @@ class Store:
         with self._migration_lock():
             if self._current_revision() == HEAD_REVISION:
                 return
-            with self.engine.begin() as conn:
-                if conn.dialect.name == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_xact_lock(4242424242)"))
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+            engine = _migration_engine(self.url) if self.url.startswith("sqlite") \
+                else self.engine
+            try:
+                with engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(text("SELECT pg_advisory_xact_lock(4242424242)"))
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
+            finally:
+                if engine is not self.engine:
+                    engine.dispose()
 
     @contextmanager
     def _migration_lock(self) -> Iterator[None]:
@@ -119,6 +126,32 @@ def _make_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+    return engine
+
+
+def _migration_engine(url: str) -> Engine:
+    """An engine whose transactions are SQLite's own, DDL included.
+
+    The sqlite3 module commits each CREATE TABLE on its own; a process killed
+    between two of them would leave a store with some tables and no revision,
+    which no later process can migrate. Here the driver emits nothing and each
+    transaction is one ``BEGIN IMMEDIATE`` ... ``COMMIT``: all the migrations
+    land, or none."""
+    engine = create_engine(url, poolclass=NullPool,
+                           connect_args={"timeout": 30, "isolation_level": None})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
