@@ -4,9 +4,11 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# Debian packages the sandboxes, the fence and the tests need
+# Debian packages the sandboxes, the fence and the tests need (postgresql: the
+# server programs for tests/test_postgres.py, which starts a private cluster; no
+# system cluster is made: createcluster.conf says so before the package installs)
 APT_PKGS := bubblewrap btrfs-progs util-linux iproute2 nftables git curl ca-certificates \
-            python3 python3-venv procps
+            python3 python3-venv procps postgresql
 APT_BENCH := podman runc uidmap debootstrap
 
 .PHONY: help deps venv demo test test-all lint bench clean
@@ -26,7 +28,13 @@ deps: .make/apt
 	  | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing: $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  if [ ! -e /etc/postgresql-common/createcluster.conf ]; then \
+	    mkdir -p /etc/postgresql-common; \
+	    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
+	  fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive UCF_FORCE_CONFFOLD=1 \
+	    apt-get install -y -qq -o Dpkg::Options::=--force-confdef \
+	    -o Dpkg::Options::=--force-confold $$missing; \
 	fi
 	@# the agent CLIs (Claude Code, Codex) install with npm; keep a newer node if present
 	@command -v npm >/dev/null || { apt-get update -qq && \

@@ -36,7 +36,7 @@ def teardown_home(home: Path) -> None:
     from corral.compute import Sandbox
     from corral.compute.local.storage import release
 
-    if (home / "corral.db").exists():
+    if (home / "corral.db").exists() or os.environ.get("CORRAL_DB_URL"):
         try:
             sandboxes = Sandbox.list(home=home)
         except Exception as exc:  # a store the test broke: release the rest all the same
