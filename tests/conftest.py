@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,13 @@ def corral_home() -> Iterator[Path]:
             os.environ.pop("CORRAL_HOME", None)
         else:
             os.environ["CORRAL_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def release_home() -> Callable[[Path], None]:
+    """``teardown_home``, for a test that makes an installation of its own (a
+    ``from conftest import`` would find whichever conftest was imported last)."""
+    return teardown_home
 
 
 def teardown_home(home: Path) -> None:

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,18 +83,16 @@ def pg_url(pg_server: Path) -> str:
 
 
 @pytest.fixture
-def pg_home(pg_url: str) -> Iterator[Path]:
+def pg_home(pg_url: str, release_home: Callable[[Path], None]) -> Iterator[Path]:
     """A fresh corral installation whose store is ``pg_url`` (for this process and the
     processes it starts); everything in it is destroyed at the end."""
-    from conftest import teardown_home
-
     home = Path(tempfile.mkdtemp(prefix="corral-test-pg-"))
     old = {k: os.environ.get(k) for k in ("CORRAL_HOME", "CORRAL_DB_URL")}
     os.environ["CORRAL_HOME"], os.environ["CORRAL_DB_URL"] = str(home), pg_url
     try:
         yield home
     finally:
-        teardown_home(home)  # while CORRAL_DB_URL still names the store
+        release_home(home)  # while CORRAL_DB_URL still names the store
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
