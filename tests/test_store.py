@@ -67,3 +67,32 @@ def test_a_first_open_killed_mid_migration_leaves_nothing_half_done(tmp_path: Pa
 
         with store.session() as s:
             assert s.query(SandboxRow).count() == 0
+
+
+def test_a_store_of_an_older_revision_is_upgraded_with_its_rows(tmp_path: Path) -> None:
+    """A store left by an earlier corral (one revision behind) opens at the head, in
+    place, with what it held."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    from corral.store import HEAD_REVISION, MIGRATIONS, open_store
+
+    url = f"sqlite:///{tmp_path / 'corral.db'}"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url)
+    previous = f"{int(HEAD_REVISION) - 1:04d}"
+    command.upgrade(cfg, previous)
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.execute(text(
+            "INSERT INTO environments (name, key, snapshot_id, repo, config, built_at, "
+            "build_seconds) VALUES ('old', 'k1', 'snap-1', '/r', '{}', "
+            "'2026-01-01 00:00:00', 3)"))
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == previous
+    engine.dispose()
+    store = open_store(url)
+    assert store._current_revision() == HEAD_REVISION
+    with store.engine.connect() as c:
+        assert c.execute(text("SELECT name FROM environments")).scalars().all() == ["old"]
