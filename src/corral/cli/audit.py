@@ -64,7 +64,8 @@ def verify(json: Json = False) -> None:
     res = log.verify()
     if json:
         emit_json({"ok": res.ok, "records": res.records, "broken_seq": res.broken_seq,
-                   "line": res.line, "message": str(res), "path": str(log.path)})
+                   "line": res.line, "file": res.file, "message": str(res),
+                   "path": str(log.path), "segments": [p.name for p in log.segments()]})
         if not res.ok:
             raise typer.Exit(1)
         return

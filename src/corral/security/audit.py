@@ -14,6 +14,15 @@ file (``audit.jsonl.head``) holds the last seq and hash, so ``verify`` also
 notices records cut off the end. Redactors (``add_redactor``) run over every
 string in ``details`` before it is written: secret values never reach the log.
 
+The log rotates: once the file passes ``max_bytes`` (64 MiB; the environment's
+``CORRAL_AUDIT_MAX_BYTES``), the next append first renames it to a sealed
+segment named after its last seq (``audit.jsonl.000000012345``) and starts a new
+file whose first record chains onto that one. Reading and ``verify`` walk the
+segments in order, then the live file: one chain. Segments are never deleted by
+corral; ``verify`` needs all of them (a missing one shows as deleted records).
+Appenders lock the live file and check, once they hold the lock, that it is
+still the one at ``path`` (a rotation in between sends them to the new one).
+
 Event names (details in docs/policy.md): sandbox.*, command.run, request.allowed,
 request.denied, request.held, approval.requested / approved / denied / timeout,
 secret.injected, secret.exfiltration_blocked, policy.reloaded, policy.rejected,
@@ -42,6 +51,10 @@ __all__ = ["GENESIS", "AuditLog", "Entry", "VerifyResult", "default_actor", "ins
            "record_hash"]
 
 GENESIS = "0" * 64
+#: size past which the log rotates (``CORRAL_AUDIT_MAX_BYTES`` overrides it)
+MAX_BYTES = 64 * 1024 * 1024
+#: a sealed segment's suffix: its last seq, zero-padded so names sort in order
+_SEGMENT_DIGITS = 12
 _FIELDS = ("seq", "time", "sandbox", "task", "actor", "event", "details", "prev_hash")
 Redactor = Callable[[str], str]
 
@@ -115,6 +128,8 @@ class VerifyResult:
     broken_seq: int | None = None
     line: int | None = None
     message: str = ""
+    #: the file holding the broken record (the live log or a sealed segment)
+    file: str | None = None
 
     def __str__(self) -> str:
         if self.ok:
@@ -125,10 +140,15 @@ class VerifyResult:
 class AuditLog:
     """Appends to and reads one audit log. Safe across threads and processes."""
 
-    def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
+    def __init__(self, path: str | Path, *, fsync: bool = False,
+                 max_bytes: int | None = None) -> None:
         self.path = Path(path)
         self.head_path = self.path.with_name(self.path.name + ".head")
         self._fsync = fsync
+        if max_bytes is None:
+            env = os.environ.get("CORRAL_AUDIT_MAX_BYTES")
+            max_bytes = int(env) if env and env.isdigit() else MAX_BYTES
+        self.max_bytes = max(max_bytes, 1)
         self._lock = threading.Lock()
         # replaced, never mutated: a writer in another thread iterates a stable tuple
         self._redactors: tuple[Redactor, ...] = ()
@@ -200,14 +220,19 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         out: list[AuditRecord] = []
         with self._lock:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd, st = self._open_locked()
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                st = os.fstat(fd)
                 if self._tail and self._tail[:2] == (st.st_ino, st.st_size):
                     seq, prev, partial = self._tail[2], self._tail[3], False
                 else:
                     seq, prev, partial = _read_tail(fd, st.st_size)
+                if st.st_size >= self.max_bytes and seq > 0:
+                    self._seal(seq)  # we hold the lock: nobody appends meanwhile
+                    os.close(fd)
+                    fd, st = self._open_locked()
+                    seq, prev, partial = _read_tail(fd, st.st_size)
+                if st.st_size == 0:  # a new live file chains onto the last segment
+                    seq, prev = self._segment_tail()
                 now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
                 # a crashed writer left half a line: end it, keep the chain
                 lines = [b"\n"] if partial else []
@@ -232,6 +257,52 @@ class AuditLog:
                 os.close(fd)
         return out
 
+    def _open_locked(self) -> tuple[int, os.stat_result]:
+        """The live file, open and locked, and its stat. After the lock is taken it
+        must still be the file at ``path``: a rotation may have sealed it meanwhile."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                st = os.fstat(fd)
+                try:
+                    now = os.stat(self.path)
+                except FileNotFoundError:
+                    now = None
+                if now is not None and (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
+                    return fd, st
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # sealed under us: the next open finds the new live file
+
+    def _seal(self, last_seq: int) -> None:
+        """Rename the live file (locked by us) to its segment name, read-only."""
+        dest = self.path.with_name(f"{self.path.name}.{last_seq:0{_SEGMENT_DIGITS}d}")
+        os.chmod(self.path, 0o400)
+        os.rename(self.path, dest)
+        self._tail = None
+
+    def segments(self) -> list[Path]:
+        """The sealed segments, oldest first."""
+        prefix = self.path.name + "."
+        found = [p for p in self.path.parent.glob(prefix + "*")
+                 if len(p.name) == len(prefix) + _SEGMENT_DIGITS
+                 and p.name[len(prefix):].isdigit()]
+        return sorted(found)
+
+    def _segment_tail(self) -> tuple[int, str]:
+        """The last seq and hash of the newest segment (0 and GENESIS: none)."""
+        segs = self.segments()
+        if not segs:
+            return 0, GENESIS
+        fd = os.open(segs[-1], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            seq, digest, _ = _read_tail(fd, os.fstat(fd).st_size)
+            return seq, digest
+        finally:
+            os.close(fd)
+
     def _write_head(self, seq: int, digest: str) -> None:
         fd = os.open(self.head_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -250,67 +321,108 @@ class AuditLog:
 
     def tail(self, n: int = 20, *, sandbox: str | None = None) -> list[AuditRecord]:
         """The last ``n`` records (of one sandbox, when given)."""
-        out = [r for r in self.records() if sandbox is None or r.sandbox == sandbox]
-        return out[-n:] if n > 0 else []
+        if n <= 0:
+            return []
+        out: list[AuditRecord] = []
+        for f in reversed([*self.segments(), self.path]):  # newest first, enough is enough
+            got = [r for _, rec, _ in _file_lines(f) if (r := rec) is not None
+                   and (sandbox is None or r.sandbox == sandbox)]
+            out = got + out
+            if len(out) >= n:
+                break
+        return out[-n:]
 
     def follow(self, *, sandbox: str | None = None, poll: float = 0.25,
                start_at_end: bool = True) -> Iterator[AuditRecord]:
         """New records as they are appended (blocks; for ``audit tail --follow``)."""
         import time
 
-        pos = self.path.stat().st_size if start_at_end and self.path.exists() else 0
+        f = None
         pending = b""
-        while True:
-            try:
-                with open(self.path, "rb") as f:
-                    f.seek(pos)
-                    chunk = f.read()
-            except FileNotFoundError:
-                chunk = b""
-            if chunk:
-                pos += len(chunk)
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for raw in lines:
-                    rec = _parse(raw)
-                    if rec is not None and (sandbox is None or rec.sandbox == sandbox):
-                        yield rec
-            else:
+        last = 0  # the seq of the last record read (whatever the filter)
+        try:
+            while True:
+                if f is None:
+                    try:
+                        f = open(self.path, "rb")  # noqa: SIM115 - kept across polls
+                    except FileNotFoundError:
+                        time.sleep(poll)
+                        continue
+                    if start_at_end:
+                        f.seek(0, os.SEEK_END)
+                        start_at_end = False
+                chunk = f.read()
+                if chunk:
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for raw in lines:
+                        rec = _parse(raw)
+                        if rec is None or (last and rec.seq <= last):
+                            continue
+                        if last and rec.seq > last + 1 and self._sealed_since(last):
+                            # rotated more than once while we slept: the segments
+                            # in between come first, then this file from its start
+                            f.close()
+                            f, pending = None, b""
+                            for older in self._sealed_since(last):
+                                for _, srec, _ in _file_lines(older):
+                                    if srec is not None and srec.seq > last:
+                                        last = srec.seq
+                                        if sandbox is None or srec.sandbox == sandbox:
+                                            yield srec
+                            break
+                        last = rec.seq
+                        if sandbox is None or rec.sandbox == sandbox:
+                            yield rec
+                    continue
+                try:
+                    rotated = os.stat(self.path).st_ino != os.fstat(f.fileno()).st_ino
+                except FileNotFoundError:
+                    rotated = False
+                if rotated:  # ours is sealed and read to its end: on to what came next
+                    f.close()
+                    f, pending = None, b""
+                    continue
                 time.sleep(poll)
+        finally:
+            if f is not None:
+                f.close()
+
+    def _sealed_since(self, seq: int) -> list[Path]:
+        """The segments holding records after ``seq``, oldest first."""
+        return [p for p in self.segments() if int(p.name.rsplit(".", 1)[1]) > seq]
 
     def _lines(self) -> Iterator[tuple[int, AuditRecord | None, str]]:
-        """(line number, record or None, problem) for every line."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        lines = data.split(b"\n")
-        last = lines.pop()
-        for i, raw in enumerate(lines, 1):
-            rec = _parse(raw)
-            yield i, rec, "" if rec else "not a valid record"
-        if last:
-            yield len(lines) + 1, None, "truncated in the middle of a line"
+        """(line number, record or None, problem) for every line of every file."""
+        for _, lineno, rec, problem in self._all_lines():
+            yield lineno, rec, problem
+
+    def _all_lines(self) -> Iterator[tuple[Path, int, AuditRecord | None, str]]:
+        """(file, line number, record or None, problem): the segments, then the live log."""
+        for f in [*self.segments(), self.path]:
+            for lineno, rec, problem in _file_lines(f):
+                yield f, lineno, rec, problem
 
     def verify(self) -> VerifyResult:
         """Check the whole chain; name the first broken record."""
         prev_seq, prev_hash, count = 0, GENESIS, 0
-        for lineno, rec, problem in self._lines():
+        for f, lineno, rec, problem in self._all_lines():
+            where = self._where(f, lineno)
             if rec is None:
-                seq = _seq_of(lineno, self.path)
+                seq = _seq_of(lineno, f)
                 what = f"record {seq}" if seq is not None else f"line {lineno}"
                 return VerifyResult(False, count, seq, lineno,
-                                    f"{what} (line {lineno}) is broken: {problem}")
+                                    f"{what} ({where}) is broken: {problem}", file=f.name)
             fields = {k: getattr(rec, k) for k in (*_FIELDS, "hash")}
             if record_hash(fields) != rec.hash:
-                return self._bad(rec, lineno, count, "its content does not match its hash "
+                return self._bad(rec, f, lineno, count, "its content does not match its hash "
                                  "(edited)")
             if rec.seq != prev_seq + 1:
                 kind = ("deleted" if rec.seq > prev_seq + 1 else "reordered or duplicated")
-                return self._bad(rec, lineno, count, f"expected seq {prev_seq + 1}, found "
+                return self._bad(rec, f, lineno, count, f"expected seq {prev_seq + 1}, found "
                                  f"{rec.seq} (records {kind})")
             if rec.prev_hash != prev_hash:
-                return self._bad(rec, lineno, count, "prev_hash does not match the record "
+                return self._bad(rec, f, lineno, count, "prev_hash does not match the record "
                                  "before it (records deleted, reordered or replaced)")
             prev_seq, prev_hash, count = rec.seq, rec.hash, count + 1
         head = self._read_head()
@@ -327,9 +439,14 @@ class AuditLog:
                                     "(its hash differs from the head file)")
         return VerifyResult(True, count)
 
-    def _bad(self, rec: AuditRecord, lineno: int, count: int, why: str) -> VerifyResult:
+    def _where(self, f: Path, lineno: int) -> str:
+        return f"line {lineno}" if f == self.path else f"{f.name} line {lineno}"
+
+    def _bad(self, rec: AuditRecord, f: Path, lineno: int, count: int,
+             why: str) -> VerifyResult:
         return VerifyResult(False, count, rec.seq, lineno,
-                            f"record {rec.seq} (line {lineno}) is broken: {why}")
+                            f"record {rec.seq} ({self._where(f, lineno)}) is broken: {why}",
+                            file=f.name)
 
     def _read_head(self) -> tuple[int, str] | None:
         try:
@@ -344,6 +461,21 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _file_lines(path: Path) -> Iterator[tuple[int, AuditRecord | None, str]]:
+    """(line number, record or None, problem) for every line of one file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    lines = data.split(b"\n")
+    last = lines.pop()
+    for i, raw in enumerate(lines, 1):
+        rec = _parse(raw)
+        yield i, rec, "" if rec else "not a valid record"
+    if last:
+        yield len(lines) + 1, None, "truncated in the middle of a line"
 
 
 def _parse(raw: bytes) -> AuditRecord | None:
