@@ -268,8 +268,15 @@ def test_budget_stops_the_run(name, tmp_path, corral_home):
     # one call answered; the next refused by the proxy, never reaching the model
     assert len(calls) == 1, [c.path for c in calls]
     ours = _sandboxes(status["run"])
-    refused = [r for r in _audit(corral_home) if r.event == "llm.limit_refused"
-               and r.sandbox in ours]
+    # the proxy writes its audit records through a writer process, a moment later
+    # than the refusal itself (which the run saw in the store)
+    deadline = time.monotonic() + 10
+    while True:
+        refused = [r for r in _audit(corral_home) if r.event == "llm.limit_refused"
+                   and r.sandbox in ours]
+        if refused or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert refused and all(r.task == "fix" for r in refused)
     assert "budget (budgets.task_tokens: 500) is spent" in refused[0].details["reason"]
     # charged what the proxy metered, even what the agent never reported
