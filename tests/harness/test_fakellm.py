@@ -3,8 +3,10 @@ by the official Anthropic and OpenAI SDKs, streamed and not."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
+from collections.abc import Iterator
 
 import anthropic
 import httpx
@@ -37,6 +39,24 @@ EXEC = {"type": "function", "name": "exec_command", "parameters": {"type": "obje
 def llm():
     with FakeLLM(SCRIPT, api_key="sk-real") as server:
         yield server
+
+
+@pytest.fixture
+def closer() -> Iterator[contextlib.ExitStack]:
+    """Closes the SDK clients a test makes (their pooled sockets) when it ends."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+def _anthropic(closer: contextlib.ExitStack, llm: FakeLLM, key: str = "sk-real",
+               retries: int = 0) -> anthropic.Anthropic:
+    return closer.enter_context(anthropic.Anthropic(base_url=llm.url, api_key=key,
+                                                    max_retries=retries))
+
+
+def _openai(closer: contextlib.ExitStack, llm: FakeLLM) -> openai.OpenAI:
+    return closer.enter_context(openai.OpenAI(base_url=f"{llm.url}/v1", api_key="sk-real",
+                                              max_retries=0))
 
 
 def _sse(text: str) -> list[tuple[str | None, dict]]:
@@ -78,8 +98,8 @@ def test_anthropic_stream_events_and_usage(llm):
     assert rec.api_key == "sk-real" and rec.query == "beta=true" and (rec.rule, rec.turn) == (0, 0)
 
 
-def test_anthropic_sdk_reads_the_stream_and_the_conversation_moves_on(llm):
-    client = anthropic.Anthropic(base_url=llm.url, api_key="sk-real", max_retries=0)
+def test_anthropic_sdk_reads_the_stream_and_the_conversation_moves_on(llm, closer):
+    client = _anthropic(closer, llm, "sk-real", 0)
     msgs = [{"role": "user", "content": "fix the bug"}]
     with client.messages.stream(model="claude-x", max_tokens=100, messages=msgs,
                                 tools=[BASH]) as stream:
@@ -99,12 +119,12 @@ def test_anthropic_sdk_reads_the_stream_and_the_conversation_moves_on(llm):
     assert second.usage.input_tokens > 0
 
 
-def test_anthropic_sdk_errors_keep_the_api_shape(llm):
-    bad = anthropic.Anthropic(base_url=llm.url, api_key="sk-sentinel", max_retries=0)
+def test_anthropic_sdk_errors_keep_the_api_shape(llm, closer):
+    bad = _anthropic(closer, llm, "sk-sentinel", 0)
     with pytest.raises(anthropic.AuthenticationError):
         bad.messages.create(model="m", max_tokens=5,
                             messages=[{"role": "user", "content": "hi"}])
-    good = anthropic.Anthropic(base_url=llm.url, api_key="sk-real", max_retries=3)
+    good = _anthropic(closer, llm, "sk-real", 3)
     with pytest.raises(anthropic.APIStatusError) as info:
         good.messages.create(model="m", max_tokens=5,
                              messages=[{"role": "user", "content": "overloaded now"}])
@@ -113,8 +133,8 @@ def test_anthropic_sdk_errors_keep_the_api_shape(llm):
     assert [r.status for r in llm.model_requests()] == [401, 529]
 
 
-def test_openai_responses_stream_with_sdk(llm):
-    client = openai.OpenAI(base_url=f"{llm.url}/v1", api_key="sk-real", max_retries=0)
+def test_openai_responses_stream_with_sdk(llm, closer):
+    client = _openai(closer, llm)
     stream = client.responses.create(model="gpt-x", input="fix the bug", tools=[EXEC],
                                      stream=True)
     kinds = []
@@ -134,8 +154,8 @@ def test_openai_responses_stream_with_sdk(llm):
     assert final.output_text == "Looking."
 
 
-def test_openai_responses_json_counts_turns_by_model_output(llm):
-    client = openai.OpenAI(base_url=f"{llm.url}/v1", api_key="sk-real", max_retries=0)
+def test_openai_responses_json_counts_turns_by_model_output(llm, closer):
+    client = _openai(closer, llm)
     history = [
         {"role": "user", "content": "fix the bug"},
         {"type": "message", "role": "assistant",
@@ -150,8 +170,8 @@ def test_openai_responses_json_counts_turns_by_model_output(llm):
     assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
 
 
-def test_chat_completions_stream_ends_with_usage_chunk(llm):
-    client = openai.OpenAI(base_url=f"{llm.url}/v1", api_key="sk-real", max_retries=0)
+def test_chat_completions_stream_ends_with_usage_chunk(llm, closer):
+    client = _openai(closer, llm)
     chunks = list(client.chat.completions.create(
         model="gpt-x", stream=True, stream_options={"include_usage": True},
         messages=[{"role": "system", "content": "x"},
@@ -163,8 +183,8 @@ def test_chat_completions_stream_ends_with_usage_chunk(llm):
     assert finish == "stop"
 
 
-def test_chat_completions_json_and_edit_blocks(llm):
-    client = openai.OpenAI(base_url=f"{llm.url}/v1", api_key="sk-real", max_retries=0)
+def test_chat_completions_json_and_edit_blocks(llm, closer):
+    client = _openai(closer, llm)
     msgs = [{"role": "system", "content": "Use SEARCH/REPLACE: <<<<<<< SEARCH"},
             {"role": "user", "content": "fix the bug"},
             {"role": "assistant", "content": "Looking."},
@@ -181,13 +201,13 @@ def test_chat_completions_json_and_edit_blocks(llm):
     assert again.choices[0].message.content == body
 
 
-def test_fallback_probes_and_side_requests(llm):
+def test_fallback_probes_and_side_requests(llm, closer):
     assert httpx.head(f"{llm.url}/").status_code == 200
     assert httpx.get(f"{llm.url}/v1/models").json()["data"][0]["id"] == "fake-model"
     n = httpx.post(f"{llm.url}/v1/messages/count_tokens", json={"messages": []}).json()
     assert n["input_tokens"] >= 1
     assert httpx.get(f"{llm.url}/nope").status_code == 404
-    client = anthropic.Anthropic(base_url=llm.url, api_key="sk-real", max_retries=0)
+    client = _anthropic(closer, llm, "sk-real", 0)
     # no rule matches: the fallback, a final answer
     r = client.messages.create(model="m", max_tokens=5, tools=[BASH],
                                messages=[{"role": "user", "content": "hello"}])
