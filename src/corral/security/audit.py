@@ -229,6 +229,7 @@ class AuditLog:
                 if st.st_size >= self.max_bytes and seq > 0:
                     self._seal(seq)  # we hold the lock: nobody appends meanwhile
                     os.close(fd)
+                    fd = -1  # never closed twice (another thread may reuse the number)
                     fd, st = self._open_locked()
                     seq, prev, partial = _read_tail(fd, st.st_size)
                 if st.st_size == 0:  # a new live file chains onto the last segment
@@ -254,7 +255,8 @@ class AuditLog:
                 self._write_head(seq, prev)
                 self._tail = (st.st_ino, st.st_size + len(data), seq, prev)
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
         return out
 
     def _open_locked(self) -> tuple[int, os.stat_result]:
