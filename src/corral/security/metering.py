@@ -463,29 +463,13 @@ class Meter:
         tok = _lower(llm.token_limit, own_tokens)
         usd = _lower(llm.cost_limit, own_usd)
         if tok is not None and t.tokens >= tok[0]:
-            limit = int(tok[0])
-            if tok[1]:
-                label = own.token_label if own and own.token_label else "its token limit"
-                message = (f"corral: {label} is spent: this sandbox has used {t.tokens} "
-                           f"model tokens, its limit is {limit}; further model calls are "
-                           "refused. Stop here and finish with what you have; a human can "
-                           "raise the budget in corral.yaml.")
-            else:
-                message = (f"corral: this sandbox has used {t.tokens} model tokens, its "
-                           f"limit is {limit}; further model calls are refused. Finish "
-                           "with what you have, or ask the human to raise llm.token_limit.")
+            label = ((own and own.token_label) or "its token limit") if tok[1] else None
+            message = _refusal(f"used {t.tokens} model tokens", str(int(tok[0])), label,
+                               "llm.token_limit")
         elif usd is not None and t.cost >= usd[0]:
-            if usd[1]:
-                label = own.usd_label if own and own.usd_label else "its spending limit"
-                message = (f"corral: {label} is spent: this sandbox has spent "
-                           f"${t.cost:.2f} on model calls, its limit is ${usd[0]:.2f}; "
-                           "further model calls are refused. Stop here and finish with "
-                           "what you have; a human can raise the budget in corral.yaml.")
-            else:
-                message = (f"corral: this sandbox has spent ${t.cost:.2f} on model calls, "
-                           f"its limit is ${usd[0]:.2f}; further model calls are refused. "
-                           "Finish with what you have, or ask the human to raise "
-                           "llm.cost_limit.")
+            label = ((own and own.usd_label) or "its spending limit") if usd[1] else None
+            message = _refusal(f"spent ${t.cost:.2f} on model calls", f"${usd[0]:.2f}", label,
+                               "llm.cost_limit")
         if message is not None:
             self._upsert(sandbox_id, {"last_refusal": message},
                          {"refusals": SandboxLimitRow.refusals + 1}, new={"refusals": 1})
@@ -551,6 +535,17 @@ class SandboxLimit:
     #: model calls refused to the sandbox, under any limit
     refusals: int = 0
     last_refusal: str | None = None
+
+
+def _refusal(spent: str, limit: str, label: str | None, policy_key: str) -> str:
+    """What a refused model call reads: under the sandbox's own limit (``label`` names
+    the budget it stands for), or under the policy's ``policy_key``."""
+    if label is not None:
+        return (f"corral: {label} is spent: this sandbox has {spent}, its limit is {limit}; "
+                "further model calls are refused. Stop here and finish with what you have; "
+                "a human can raise the budget in corral.yaml.")
+    return (f"corral: this sandbox has {spent}, its limit is {limit}; further model calls "
+            f"are refused. Finish with what you have, or ask the human to raise {policy_key}.")
 
 
 def _lower(policy: float | None, own: float | None) -> tuple[float, bool] | None:
