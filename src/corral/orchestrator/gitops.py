@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,32 +113,31 @@ class Repo:
         r = self.run("rev-parse", "--verify", "-q", f"{ref}^{{commit}}")
         return r.stdout.decode().strip() or None if r.returncode == 0 else None
 
-    def _recall(self, key: tuple[str, ...]) -> Any:
-        return self._memo.get(key) if all(_OID.match(k) for k in key[1:]) else None
-
-    def _keep(self, key: tuple[str, ...], value: Any) -> Any:
-        if all(_OID.match(k) for k in key[1:]):
+    def _remembered(self, key: tuple[str, ...], compute: Callable[[], Any],
+                    keep: Callable[[Any], bool] = lambda _: True) -> Any:
+        """``compute()``, remembered under ``key`` when every name in it is a full
+        object id (what git says of those never changes) and ``keep(answer)``."""
+        fixed = all(_OID.match(k) for k in key[1:])
+        if fixed and key in self._memo:
+            return self._memo[key]
+        value = compute()
+        if fixed and keep(value):
             if len(self._memo) >= MEMO_SIZE:
                 self._memo.clear()
             self._memo[key] = value
         return value
 
     def tree(self, commit: str) -> str:
-        key = ("tree", commit)
-        hit = self._recall(key)
-        if hit is None:
-            hit = self._keep(key, self.git("rev-parse", f"{commit}^{{tree}}").strip())
-        return str(hit)
+        return str(self._remembered(("tree", commit),
+                                    lambda: self.git("rev-parse", f"{commit}^{{tree}}").strip()))
 
     def is_ancestor(self, a: str, b: str) -> bool:
-        key = ("is_ancestor", a, b)
-        hit = self._recall(key)
-        if hit is not None:
-            return bool(hit)
-        code = self.run("merge-base", "--is-ancestor", a, b).returncode
-        if code in (0, 1):  # an answer (not a missing object, which a fetch may bring)
-            self._keep(key, code == 0)
-        return code == 0
+        # an exit code of 0 or 1 is an answer; others (a missing object, which a fetch
+        # may bring) are asked again next time
+        code = self._remembered(("is_ancestor", a, b),
+                                lambda: self.run("merge-base", "--is-ancestor", a, b).returncode,
+                                keep=lambda c: c in (0, 1))
+        return bool(code == 0)
 
     def commits(self, base: str, head: str) -> list[str]:
         out = self.git("rev-list", "--reverse", f"{base}..{head}")
@@ -147,11 +147,8 @@ class Repo:
         return self.git("log", "--format=%h %s", f"-{n}", ref).splitlines()
 
     def diff_stat(self, a: str, b: str) -> str:
-        key = ("diff_stat", a, b)
-        hit = self._recall(key)
-        if hit is None:
-            hit = self._keep(key, self.git("diff", "--stat", "--no-color", a, b).strip())
-        return str(hit)
+        return str(self._remembered(("diff_stat", a, b), lambda: self.git(
+            "diff", "--stat", "--no-color", a, b).strip()))
 
     def changed_files(self, a: str, b: str) -> list[str]:
         return self.git("diff", "--name-only", a, b).split()
@@ -333,11 +330,8 @@ class Repo:
     def _commit_like(self, commit: str, tree: str, parent: str, task_id: str) -> str:
         """A commit of ``tree`` on ``parent`` with ``commit``'s author and message (and
         the task's trailer)."""
-        key = ("meta", commit)
-        fmt = self._recall(key)
-        if fmt is None:
-            fmt = self._keep(key, self.git("log", "-1", "--format=%an%x00%ae%x00%aI%x00%B",
-                                           commit))
+        fmt = str(self._remembered(("meta", commit), lambda: self.git(
+            "log", "-1", "--format=%an%x00%ae%x00%aI%x00%B", commit)))
         name, email, date, body = fmt.split("\0", 3)
         body = body.rstrip("\n")
         if f"{TRAILER}: " not in body:
