@@ -11,7 +11,7 @@ once the sandbox has spent it (see ``orchestrator.limits``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from corral.config import BudgetsConfig
 
@@ -26,14 +26,6 @@ class Spent:
 
     def __sub__(self, other: Spent) -> Spent:
         return Spent(self.tokens - other.tokens, self.usd - other.usd)
-
-
-class Meter(Protocol):
-    """Usage measured outside the harness (the proxy's LLM meter)."""
-
-    def take(self, sandbox_id: str) -> Spent:
-        """Usage of ``sandbox_id`` since the last call."""
-        ...
 
 
 class ProxyMeter:

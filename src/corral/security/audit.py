@@ -317,7 +317,7 @@ class AuditLog:
 
     def records(self) -> Iterator[AuditRecord]:
         """Every well-formed record, oldest first (broken lines are skipped)."""
-        for _, rec, _ in self._lines():
+        for _, _, rec, _ in self._lines():
             if rec is not None:
                 yield rec
 
@@ -394,12 +394,7 @@ class AuditLog:
         """The segments holding records after ``seq``, oldest first."""
         return [p for p in self.segments() if int(p.name.rsplit(".", 1)[1]) > seq]
 
-    def _lines(self) -> Iterator[tuple[int, AuditRecord | None, str]]:
-        """(line number, record or None, problem) for every line of every file."""
-        for _, lineno, rec, problem in self._all_lines():
-            yield lineno, rec, problem
-
-    def _all_lines(self) -> Iterator[tuple[Path, int, AuditRecord | None, str]]:
+    def _lines(self) -> Iterator[tuple[Path, int, AuditRecord | None, str]]:
         """(file, line number, record or None, problem): the segments, then the live log."""
         for f in [*self.segments(), self.path]:
             for lineno, rec, problem in _file_lines(f):
@@ -408,7 +403,7 @@ class AuditLog:
     def verify(self) -> VerifyResult:
         """Check the whole chain; name the first broken record."""
         prev_seq, prev_hash, count = 0, GENESIS, 0
-        for f, lineno, rec, problem in self._all_lines():
+        for f, lineno, rec, problem in self._lines():
             where = self._where(f, lineno)
             if rec is None:
                 seq = _seq_of(lineno, f)
