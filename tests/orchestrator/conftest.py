@@ -27,6 +27,19 @@ def git(cwd: Path, *args: str) -> str:
                           text=True, check=True).stdout
 
 
+def publish(seed: Path) -> tuple[Path, Path]:
+    """Commit ``seed`` as main, make a bare origin of it and a clone beside it:
+    (origin, clone)."""
+    git(seed, "init", "-q", "-b", "main")
+    git(seed, "add", "-A")
+    git(seed, "commit", "-q", "-m", "init")
+    root = seed.parent
+    origin, repo = root / "origin.git", root / "repo"
+    git(root, "clone", "-q", "--bare", str(seed), str(origin))
+    git(root, "clone", "-q", str(origin), str(repo))
+    return origin, repo
+
+
 class Project:
     """A repo (a clone) with a bare origin, and a plan file beside it."""
 
@@ -40,13 +53,7 @@ class Project:
             "    def test_ok(self):\n        self.assertTrue(True)\n")
         (seed / "corral.yaml").write_text(yaml.safe_dump({"ci": {"command": CI}}))
         (seed / "app.txt").write_text("one\ntwo\nthree\n")
-        git(seed, "init", "-q", "-b", "main")
-        git(seed, "add", "-A")
-        git(seed, "commit", "-q", "-m", "init")
-        self.origin = root / "origin.git"
-        git(root, "clone", "-q", "--bare", str(seed), str(self.origin))
-        self.repo = root / "repo"
-        git(root, "clone", "-q", str(self.origin), str(self.repo))
+        self.origin, self.repo = publish(seed)
         self.plan_file = root / "plan.yaml"
 
     def write_plan(self, tasks: list[dict[str, Any]], **sections: Any) -> Path:

@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 import trustme
 import yaml
-from tests.orchestrator.conftest import finish, git, run_in_thread, task_state, wait_for
+from tests.orchestrator.conftest import (
+    finish,
+    git,
+    publish,
+    run_in_thread,
+    task_state,
+    wait_for,
+)
 
 from corral.orchestrator.engine import Orchestrator
 from corral.orchestrator.plan import load_plan
@@ -80,13 +87,7 @@ class Fenced:
         (seed / "agent.sh").write_text(AGENT)
         (seed / "corral.yaml").write_text(yaml.safe_dump(
             {"ci": {"command": "true", "timeout": "1m"}, "policy": policy}))
-        git(seed, "init", "-q", "-b", "main")
-        git(seed, "add", "-A")
-        git(seed, "commit", "-q", "-m", "init")
-        self.origin = root / "origin.git"
-        git(root, "clone", "-q", "--bare", str(seed), str(self.origin))
-        self.repo = root / "repo"
-        git(root, "clone", "-q", str(self.origin), str(self.repo))
+        self.origin, self.repo = publish(seed)
         self.plan = root / "plan.yaml"
 
     def orchestrator(self, tasks: list[dict[str, Any]], budgets: dict[str, int],
