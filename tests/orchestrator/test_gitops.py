@@ -3,22 +3,16 @@ keeps about commits (which must never go stale)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
+from tests.orchestrator.conftest import git as _git
 
 from corral.orchestrator.gitops import TRAILER, Repo
 
-ENV = {**os.environ, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
-       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid",
-       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid"}
-
 
 def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, env=ENV, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return _git(cwd, *args).strip()
 
 
 def commit(work: Path, name: str, content: str) -> str:
